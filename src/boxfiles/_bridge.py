@@ -1,0 +1,378 @@
+"""The trio <-> asyncio edge: grpclib driven from trio through trio-asyncio.
+
+This is the only module that imports asyncio, trio_asyncio, grpclib or h2.
+Everything it hands out is trio-flavoured, and every foreign exception is
+mapped here onto the boxfiles hierarchy (the original kept as ``__cause__``).
+
+Two things the obvious trio-asyncio pattern gets wrong are handled here
+deliberately (see SPEC, "Facts about real peers"):
+
+* a status the peer sent is read from the stream before a "stream terminated"
+  error is reported, so the status class survives;
+* when the trio side fails or is cancelled, the HTTP/2 stream is reset at once
+  (RST_STREAM) from a shielded scope, rather than when the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeVar, final
+
+import grpclib.client
+import grpclib.const
+import grpclib.exceptions
+import grpclib.server
+import h2.exceptions
+import trio
+import trio_asyncio
+from grpclib.protocol import H2Protocol
+from google.protobuf.message import Message
+
+from ._errors import (
+    DeadlineExceeded,
+    FilesError,
+    IncompleteTransfer,
+    RemoteError,
+    Status,
+    Unavailable,
+    collapse,
+    remote_error,
+)
+from ._target import Target, UnixTarget
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+log = logging.getLogger("boxfiles")
+
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+T = TypeVar("T")
+
+#: How long a shielded clean-up (stream reset, channel close) may take before
+#: it is abandoned; these never wait on the peer, so this is only a backstop.
+CLEANUP_TIMEOUT = 5.0
+
+
+@final
+@dataclass(frozen=True)
+class Method(Generic[SendT, RecvT]):
+    """One RPC of a service: its path, shape and message types."""
+
+    path: str
+    client_streaming: bool
+    server_streaming: bool
+    request_type: type[SendT]
+    reply_type: type[RecvT]
+
+    @property
+    def _cardinality(self) -> grpclib.const.Cardinality:
+        return grpclib.const.Cardinality((self.client_streaming, self.server_streaming))
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
+    # Reuse a trio-asyncio loop the caller already runs; otherwise open one
+    # that lives exactly as long as this context.
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None:
+        yield loop
+        return
+    winner: BaseException | None = None
+    try:
+        async with trio_asyncio.open_loop() as new_loop:
+            yield new_loop
+    except BaseExceptionGroup as group:
+        # open_loop runs the block inside a nursery, which wraps whatever the
+        # block raises; hand back the exception itself.
+        winner = collapse(group)
+    if winner is not None:
+        raise winner
+
+
+def _map_exception(exc: BaseException, where: str) -> FilesError:
+    if isinstance(exc, grpclib.exceptions.GRPCError):
+        return remote_error(int(exc.status.value), exc.message)
+    if isinstance(exc, asyncio.TimeoutError):
+        return DeadlineExceeded(f"deadline exceeded {where}")
+    if isinstance(exc, grpclib.exceptions.StreamTerminatedError):
+        return IncompleteTransfer(f"stream closed {where}: {exc}")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return Unavailable(f"cannot reach {where}: {exc}")
+    if isinstance(exc, (grpclib.exceptions.ProtocolError, h2.exceptions.H2Error)):
+        return IncompleteTransfer(f"protocol error {where}: {exc}")
+    if isinstance(exc, asyncio.CancelledError):
+        return IncompleteTransfer(f"call cancelled by the transport {where}")
+    return IncompleteTransfer(f"{type(exc).__name__} {where}: {exc}")
+
+
+async def _run(loop: trio_asyncio.TrioEventLoop, coro: Coroutine[Any, Any, T], where: str) -> T:
+    """Run an asyncio coroutine from trio, mapping its failure to a FilesError."""
+    try:
+        return await loop.run_aio_coroutine(coro)  # type: ignore[no-any-return]
+    except trio.Cancelled:
+        raise
+    except FilesError:
+        raise
+    except Exception as exc:  # the edge: every foreign error stops here
+        raise _map_exception(exc, where) from exc
+    except asyncio.CancelledError as exc:  # a BaseException on 3.8+
+        raise _map_exception(exc, where) from exc
+
+
+@final
+class ClientCall(Generic[SendT, RecvT]):
+    """One open RPC seen from trio. Made by :meth:`Channel.open_call`."""
+
+    def __init__(
+        self,
+        loop: trio_asyncio.TrioEventLoop,
+        stream: grpclib.client.Stream[SendT, RecvT],
+        where: str,
+    ) -> None:
+        self._loop = loop
+        self._stream = stream
+        self._where = where
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await _run(self._loop, coro, self._where)
+        except IncompleteTransfer as exc:
+            # The stream was torn down; if the peer said why, that wins.
+            raise self._status_or(exc) from exc.__cause__
+
+    def _status_or(self, exc: FilesError) -> FilesError:
+        try:
+            self._stream._maybe_raise()
+        except grpclib.exceptions.GRPCError as status:
+            found = remote_error(int(status.status.value), status.message)
+            found.__context__ = exc
+            return found
+        except Exception:  # headers malformed: keep the original error
+            return exc
+        return exc
+
+    async def send(self, message: SendT, *, end: bool = False) -> None:
+        await self._call(self._stream.send_message(message, end=end))
+
+    async def end(self) -> None:
+        await self._call(self._stream.end())
+
+    async def recv(self) -> RecvT | None:
+        """The next message, or None once the peer ended its side cleanly."""
+        return await self._call(self._stream.recv_message())
+
+    async def finish(self) -> None:
+        """Wait for the peer's status; raise its RemoteError unless OK."""
+        await self._call(self._stream.recv_trailing_metadata())
+
+
+@final
+class Channel:
+    """A grpclib channel owned by trio code. Made by :func:`open_channel`."""
+
+    def __init__(
+        self, loop: trio_asyncio.TrioEventLoop, channel: grpclib.client.Channel, where: str
+    ) -> None:
+        self._loop = loop
+        self._channel = channel
+        self._where = where
+
+    @asynccontextmanager
+    async def open_call(
+        self, method: Method[SendT, RecvT], *, timeout: float | None = None
+    ) -> AsyncIterator[ClientCall[SendT, RecvT]]:
+        """Open one RPC; leaving the block with an exception resets it.
+
+        On a clean exit the caller must already have read the final status
+        (:meth:`ClientCall.finish`). On any exception, trio.Cancelled
+        included, RST_STREAM is sent before the exception propagates.
+        """
+        stream: grpclib.client.Stream[SendT, RecvT] = self._channel.request(
+            method.path,
+            method._cardinality,
+            method.request_type,
+            method.reply_type,
+            timeout=timeout,
+        )
+        await _run(self._loop, stream.__aenter__(), self._where)
+        try:
+            await _run(self._loop, stream.send_request(), self._where)
+            yield ClientCall(self._loop, stream, self._where)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                try:
+                    await self._loop.run_aio_coroutine(
+                        stream.__aexit__(type(exc), exc, exc.__traceback__)
+                    )
+                except Exception as cleanup:  # already failing: keep the first error
+                    log.debug("reset after %r failed: %r", exc, cleanup)
+            raise
+        else:
+            await _run(self._loop, stream.__aexit__(None, None, None), self._where)
+
+
+async def _new_channel(target: Target) -> grpclib.client.Channel:
+    if isinstance(target, UnixTarget):
+        channel = grpclib.client.Channel(path=target.path)
+        # Peers behind a unix socket (tonic/hyper) reset calls whose
+        # :authority is not a plain host name.
+        channel._authority = "localhost"
+        return channel
+    return grpclib.client.Channel(target.host, target.port)
+
+
+async def _close_channel(channel: grpclib.client.Channel) -> None:
+    channel.close()
+    # Let the transport's connection_lost callback run, so the socket is
+    # closed when the caller's block ends rather than some time later.
+    await asyncio.sleep(0)
+
+
+@asynccontextmanager
+async def open_channel(target: Target) -> AsyncIterator[Channel]:
+    """A channel to ``target`` that connects lazily and closes on exit."""
+    async with _asyncio_loop() as loop:
+        channel = await _run(loop, _new_channel(target), str(target))
+        try:
+            yield Channel(loop, channel, str(target))
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                await loop.run_aio_coroutine(_close_channel(channel))
+
+
+@final
+class ServerCall(Generic[RecvT, SendT]):
+    """The server's side of one RPC, seen from trio."""
+
+    def __init__(
+        self, loop: trio_asyncio.TrioEventLoop, stream: grpclib.server.Stream[RecvT, SendT]
+    ) -> None:
+        self._loop = loop
+        self._stream = stream
+        addr = stream.peer.addr() if stream.peer is not None else None
+        #: The client's address, ``host:port``, or ``"unix"``.
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+
+    async def recv(self) -> RecvT | None:
+        """The next message, or None once the client ended its side cleanly.
+
+        A client reset does not return: it cancels the handler.
+        """
+        return await _run(self._loop, self._stream.recv_message(), "receiving from the client")
+
+    async def send(self, message: SendT) -> None:
+        await _run(self._loop, self._stream.send_message(message), "sending to the client")
+
+
+#: A trio-flavoured handler: returns normally for OK, raises RemoteError for a
+#: status. Any other exception becomes INTERNAL and is logged.
+Handler = Callable[[ServerCall[Any, Any]], Awaitable[None]]
+
+
+@final
+class _Service:
+    """grpclib's view of a mapping of trio handlers."""
+
+    def __init__(
+        self, loop: trio_asyncio.TrioEventLoop, handlers: Mapping[Method[Any, Any], Handler]
+    ) -> None:
+        self._loop = loop
+        self._handlers = handlers
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            method.path: grpclib.const.Handler(
+                self._adapt(handler),
+                method._cardinality,
+                method.request_type,
+                method.reply_type,
+            )
+            for method, handler in self._handlers.items()
+        }
+
+    def _adapt(
+        self, handler: Handler
+    ) -> Callable[[grpclib.server.Stream[Any, Any]], Coroutine[Any, Any, None]]:
+        loop = self._loop
+
+        async def run(stream: grpclib.server.Stream[Any, Any]) -> None:
+            try:
+                await loop.trio_as_future(handler, ServerCall(loop, stream))
+            except RemoteError as exc:
+                raise grpclib.exceptions.GRPCError(
+                    grpclib.const.Status(exc.status.value), exc.message
+                ) from None
+            except FilesError as exc:
+                raise grpclib.exceptions.GRPCError(grpclib.const.Status.INTERNAL, str(exc)) from None
+            except grpclib.exceptions.GRPCError:
+                raise
+            except Exception:
+                log.exception("handler failed")
+                raise grpclib.exceptions.GRPCError(
+                    grpclib.const.Status.INTERNAL, "internal server error"
+                ) from None
+
+        return run
+
+
+@final
+class _Server(grpclib.server.Server):
+    """grpclib's server, but one that can drop its open connections.
+
+    grpclib's close() stops listening and cancels handlers but leaves client
+    connections open; a structured shutdown must not leave them behind.
+    """
+
+    def __init__(self, handlers: list[_Service]) -> None:
+        super().__init__(handlers)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    async def shut_down(self) -> None:
+        self.close()
+        for protocol in list(self._protocols):
+            if hasattr(protocol, "processor"):
+                protocol.processor.close("server shutting down")
+        await self.wait_closed()
+        await asyncio.sleep(0)  # let the transports' connection_lost run
+
+
+async def serve(
+    sock: socket.socket,
+    handlers: Mapping[Method[Any, Any], Handler],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``handlers`` on the listening socket ``sock`` until cancelled.
+
+    On cancellation the listener is closed, calls in flight are cancelled
+    (their clients see a reset) and this returns only once they have ended.
+    The socket is owned by the caller.
+    """
+    async with _asyncio_loop() as loop:
+        server = _Server([_Service(loop, handlers)])
+        await _run(loop, server.start(sock=sock), "starting the server")
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                await loop.run_aio_coroutine(server.shut_down())
+
+
+__all__ = ["Channel", "ClientCall", "Handler", "Method", "ServerCall", "Status", "open_channel", "serve"]

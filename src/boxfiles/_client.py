@@ -1,0 +1,309 @@
+"""The public client: open_client() and FilesClient.
+
+Every transfer has the same shape: one nursery runs the local side (a reader
+or a writer) and the gRPC side, joined by a memory channel of
+CHANNEL_CAPACITY chunks. The nursery's cancel scope aborts the healthy side
+when the other fails, and :func:`boxfiles._errors.collapse` picks the one
+error the caller sees.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import final
+
+import trio
+
+from ._bridge import Channel, ClientCall, open_channel
+from ._errors import DeadlineExceeded, IncompleteTransfer, UploadRejected, collapse
+from ._local import (
+    ChunkReader,
+    ChunkWriter,
+    Destination,
+    Source,
+    open_destination,
+    open_source,
+)
+from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from ._target import parse_target
+from ._wire import (
+    CHANNEL_CAPACITY,
+    DEFAULT_CHUNK_SIZE,
+    DOWNLOAD,
+    UPLOAD,
+    check_chunk_size,
+    check_container_id,
+    check_path,
+    first_upload_chunk,
+)
+
+
+async def supervise(*tasks: Callable[[], Awaitable[None]]) -> None:
+    """Run ``tasks`` in one nursery; raise the single error that matters.
+
+    When one task fails the nursery cancels the others; the exceptions that
+    come out are collapsed to one (see :func:`boxfiles._errors.collapse`),
+    so no ExceptionGroup ever reaches a caller.
+    """
+    winner: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        winner = collapse(group)
+    if winner is not None:
+        raise winner
+
+
+@final
+class FilesClient:
+    """A connection to a ``boxlite.v1.Files`` server. Made by :func:`open_client`.
+
+    Calls may run concurrently from several tasks; each is one HTTP/2 stream
+    on the shared connection.
+    """
+
+    def __init__(self, channel: Channel, timeout: float | None) -> None:
+        self._channel = channel
+        self._timeout = timeout
+
+    @contextmanager
+    def _deadline(self) -> Iterator[None]:
+        if self._timeout is None:
+            yield
+            return
+        try:
+            with trio.fail_after(self._timeout):
+                yield
+        except trio.TooSlowError as exc:
+            raise DeadlineExceeded(f"call took longer than the client timeout of {self._timeout}s") from exc
+
+    async def upload_tar(
+        self,
+        source: Source,
+        dest_path: str,
+        *,
+        container_id: str | None = None,
+        mkdir_parents: bool = True,
+        overwrite: bool = True,
+        source_is_dir: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        """Stream a tar archive to the server, to be extracted at ``dest_path``.
+
+        Memory stays at about ``chunk_size * (CHANNEL_CAPACITY + 3)`` whatever
+        the archive's size.
+
+        Args:
+            source: a path to a tar file, or any object with
+                ``async def read(max_bytes) -> bytes`` returning ``b""`` at
+                the end (a ``trio.open_file`` object qualifies).
+            dest_path: where the server extracts the archive.
+            container_id: which container; None picks the server's only one.
+            mkdir_parents: create missing parent directories of dest_path.
+            overwrite: replace what already exists at the destination.
+            source_is_dir: tells the server the archive holds a directory
+                (True) or a single file (False); None lets it decide.
+            chunk_size: bytes of data per message (1 to MAX_CHUNK_SIZE).
+
+        Raises:
+            LocalIOError: the source could not be opened or read (the root
+                cause wins over the failure it provokes on the stream; the
+                stream is reset, never ended, so the server never takes a
+                truncated archive for a whole one).
+            UploadRejected: the server answered ``success=false``.
+            RemoteError: the server failed the call with a status (its
+                subclass names the status); also Unavailable when the server
+                cannot be reached and DeadlineExceeded past the client's
+                ``timeout``.
+            IncompleteTransfer: the stream ended with no status to say why.
+            TypeError, ValueError: an argument is of the wrong type or value;
+                nothing was sent.
+
+        On cancellation the reader and the sender stop at once, the stream
+        is reset (the server sees RST_STREAM promptly, not at disconnect),
+        and trio.Cancelled propagates.
+        """
+        first = first_upload_chunk(
+            check_path(dest_path, "dest_path"),
+            check_container_id(container_id),
+            mkdir_parents=mkdir_parents,
+            overwrite=overwrite,
+            source_is_dir=source_is_dir,
+        )
+        check_chunk_size(chunk_size)
+        with self._deadline():
+            async with open_source(source, chunk_size) as reader:
+                async with self._channel.open_call(UPLOAD, timeout=self._timeout) as call:
+                    response = await _upload(call, reader, first)
+        if not response.success:
+            raise UploadRejected(response.error or "upload failed")
+
+    async def download_tar(
+        self,
+        src_path: str,
+        dest: Destination,
+        *,
+        container_id: str | None = None,
+        include_parent: bool = True,
+        follow_symlinks: bool = False,
+    ) -> bool | None:
+        """Stream ``src_path`` from the server as a tar archive into ``dest``.
+
+        Args:
+            src_path: the file or directory to pack; a trailing ``/.`` packs
+                a directory's contents.
+            dest: a path to write the archive to, or any object with
+                ``async def write(data)``. A path is written to a hidden
+                temporary file beside it and renamed into place only when
+                the whole archive arrived and the server reported OK.
+            container_id: which container; None picks the server's only one.
+            include_parent: root a directory's archive at ``name/`` (True)
+                or at ``./`` (False).
+            follow_symlinks: pack what symlinks point to, not the links.
+
+        Returns:
+            The ``source_is_dir`` flag the server sent on its first chunk, or
+            None when it sent none.
+
+        Raises:
+            LocalIOError: the destination could not be written.
+            RemoteError: the server failed the call (NotFound for a missing
+                source, and so on); Unavailable, DeadlineExceeded as above.
+            IncompleteTransfer: the stream ended with no status to say why.
+            TypeError, ValueError: an argument is of the wrong type or value.
+
+        On failure or cancellation a path ``dest`` is left as it was (absent,
+        or its previous content), the stream is reset, and the error (or
+        trio.Cancelled) propagates.
+        """
+        request = DownloadRequest(
+            src_path=check_path(src_path, "src_path"),
+            container_id=check_container_id(container_id),
+            include_parent=bool(include_parent),
+            follow_symlinks=bool(follow_symlinks),
+        )
+        with self._deadline():
+            async with open_destination(dest) as writer:
+                async with self._channel.open_call(DOWNLOAD, timeout=self._timeout) as call:
+                    return await _download(call, request, writer)
+
+
+async def _upload(
+    call: ClientCall[UploadChunk, UploadResponse], reader: ChunkReader, first: UploadChunk
+) -> UploadResponse:
+    send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+    all_sent = trio.Event()
+    response: UploadResponse | None = None
+
+    async def read() -> None:
+        while chunk := await reader.read_chunk():
+            try:
+                await send_chunks.send(chunk)
+            except trio.BrokenResourceError:
+                return  # the sender failed; its error explains why
+        # Closing is the only end-of-data signal: a failed reader leaves the
+        # channel open, so the sender is cancelled rather than ending the
+        # stream as if the archive were complete.
+        send_chunks.close()
+
+    async def send() -> None:
+        pending: UploadChunk | None = first
+        async with receive_chunks:
+            async for chunk in receive_chunks:
+                if pending is not None:
+                    pending.data = chunk
+                    await call.send(pending)
+                    pending = None
+                else:
+                    await call.send(UploadChunk(data=chunk))
+        if pending is not None:  # empty source: one chunk, metadata only
+            await call.send(pending, end=True)
+        else:
+            await call.end()
+        all_sent.set()
+
+    async def receive() -> None:
+        nonlocal response
+        # Listening from the start means a status the server sends early
+        # (a rejection after the first chunk, say) aborts the transfer at
+        # once, even while the reader is stalled.
+        response = await call.recv()
+        if response is not None and not response.success:
+            raise UploadRejected(response.error or "upload failed")
+        await all_sent.wait()
+        await call.finish()
+        if response is None:
+            raise IncompleteTransfer("the server ended the upload without a response")
+
+    await supervise(read, send, receive)
+    assert response is not None
+    return response
+
+
+async def _download(
+    call: ClientCall[DownloadRequest, DownloadChunk],
+    request: DownloadRequest,
+    writer: ChunkWriter,
+) -> bool | None:
+    send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+    source_is_dir: bool | None = None
+
+    async def receive() -> None:
+        nonlocal source_is_dir
+        await call.send(request, end=True)
+        first = True
+        while (chunk := await call.recv()) is not None:
+            if first:
+                first = False
+                if chunk.HasField("source_is_dir"):
+                    source_is_dir = chunk.source_is_dir
+            if chunk.data:
+                try:
+                    await send_chunks.send(chunk.data)
+                except trio.BrokenResourceError:
+                    return  # the writer failed; its error explains why
+        await call.finish()
+        send_chunks.close()  # only after an OK status: see _upload.read
+
+    async def write() -> None:
+        async with receive_chunks:
+            async for data in receive_chunks:
+                await writer.write(data)
+
+    await supervise(receive, write)
+    return source_is_dir
+
+
+@asynccontextmanager
+async def open_client(
+    target: str | os.PathLike[str], *, timeout: float | None = None
+) -> AsyncIterator[FilesClient]:
+    """Connect to a Files server; the connection closes when the block ends.
+
+    Args:
+        target: ``unix:///abs/path.sock``, ``unix:relative/or/abs.sock``,
+            ``tcp://host:port`` or ``host:port``. Over a unix socket the
+            ``:authority`` sent is ``localhost``, as real peers expect.
+        timeout: seconds each call may take, or None for no limit. A call
+            that runs over raises DeadlineExceeded; the deadline is also sent
+            to the server (``grpc-timeout``).
+
+    The connection is made lazily by the first call; an unreachable server
+    shows as :class:`Unavailable` from that call. No task outlives the block:
+    leaving it closes the connection and resets calls still in flight.
+
+    Raises:
+        ValueError: ``target`` or ``timeout`` is malformed.
+    """
+    parsed = parse_target(target)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout is not None and math.isinf(timeout):
+        timeout = None
+    async with open_channel(parsed) as channel:
+        yield FilesClient(channel, timeout)

@@ -1,0 +1,217 @@
+"""Local sources and destinations: files on this machine or caller objects.
+
+Blocking file calls run in trio worker threads. The buffer a chunk is read
+into is allocated once, in the trio thread, and reused: allocating each chunk
+in a worker and freeing it in the trio thread defeats glibc's allocator and
+turns every chunk into fresh page faults (SPEC, "Facts about real peers").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Protocol, final, runtime_checkable
+
+import trio
+
+from ._errors import FilesError, LocalIOError
+
+
+@runtime_checkable
+class AsyncReader(Protocol):
+    """Anything with ``async def read(max_bytes) -> bytes`` (``b""`` at end)."""
+
+    async def read(self, max_bytes: int, /) -> bytes: ...
+
+
+@runtime_checkable
+class AsyncWriter(Protocol):
+    """Anything with ``async def write(data)``; a ``trio.open_file`` object fits."""
+
+    async def write(self, data: bytes, /) -> object: ...
+
+
+Source = str | os.PathLike[str] | AsyncReader
+Destination = str | os.PathLike[str] | AsyncWriter
+
+
+def _describe(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+@final
+class ChunkReader:
+    """Reads a source in chunks of at most ``chunk_size`` bytes."""
+
+    def __init__(self, read: _ReadFn, chunk_size: int) -> None:
+        self._read = read
+        self.chunk_size = chunk_size
+
+    async def read_chunk(self) -> bytes:
+        """The next chunk; ``b""`` at the end. Raises LocalIOError."""
+        return await self._read(self.chunk_size)
+
+
+class _ReadFn(Protocol):
+    async def __call__(self, max_bytes: int, /) -> bytes: ...
+
+
+def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+
+    def fill(max_bytes: int) -> int:
+        got = file.readinto(view[:max_bytes])
+        return 0 if got is None else got
+
+    async def read(max_bytes: int) -> bytes:
+        try:
+            got = await trio.to_thread.run_sync(fill, max_bytes)
+        except OSError as err:
+            raise LocalIOError(f"cannot read {name}: {_describe(err)}") from err
+        return bytes(view[:got])
+
+    return read
+
+
+def _object_read_fn(reader: AsyncReader) -> _ReadFn:
+    async def read(max_bytes: int) -> bytes:
+        try:
+            data = await reader.read(max_bytes)
+        except FilesError:
+            raise
+        except Exception as err:  # the caller's reader failed: a local read error
+            raise LocalIOError(f"reading the source failed: {err!r}") from err
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"source.read() must return bytes, not {type(data).__name__}")
+        if len(data) > max_bytes:
+            raise ValueError(f"source.read({max_bytes}) returned {len(data)} bytes")
+        return bytes(data)
+
+    return read
+
+
+@asynccontextmanager
+async def open_source(source: Source, chunk_size: int) -> AsyncIterator[ChunkReader]:
+    """Open ``source`` (a path, or an object with async ``read``) for reading.
+
+    Raises:
+        LocalIOError: a path that cannot be opened, or is a directory.
+        TypeError: ``source`` is neither a path nor a reader.
+    """
+    if isinstance(source, AsyncReader):
+        yield ChunkReader(_object_read_fn(source), chunk_size)
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"source must be a path or have async read(max_bytes), not {type(source).__name__}"
+        )
+    name = os.fspath(source)
+
+    def open_file() -> io.FileIO:
+        file = io.FileIO(name, "rb")
+        if os.path.isdir(name):
+            file.close()
+            raise IsADirectoryError(21, "Is a directory (upload a tar file, or use copy_in)")
+        return file
+
+    try:
+        file = await trio.to_thread.run_sync(open_file)
+    except OSError as err:
+        raise LocalIOError(f"cannot open {name}: {_describe(err)}") from err
+    try:
+        yield ChunkReader(_file_read_fn(file, name, chunk_size), chunk_size)
+    finally:
+        file.close()
+
+
+@final
+class ChunkWriter:
+    """Writes chunks to a destination."""
+
+    def __init__(self, write: _WriteFn) -> None:
+        self.write = write
+
+
+class _WriteFn(Protocol):
+    async def __call__(self, data: bytes, /) -> None: ...
+
+
+def _object_write_fn(writer: AsyncWriter) -> _WriteFn:
+    async def write(data: bytes) -> None:
+        try:
+            await writer.write(data)
+        except FilesError:
+            raise
+        except Exception as err:  # the caller's writer failed: a local write error
+            raise LocalIOError(f"writing the destination failed: {err!r}") from err
+
+    return write
+
+
+def _file_write_fn(fd: int, name: str) -> _WriteFn:
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    async def write(data: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(write_all, data)
+        except OSError as err:
+            raise LocalIOError(f"cannot write {name}: {_describe(err)}") from err
+
+    return write
+
+
+def part_name(final_path: Path) -> Path:
+    """A fresh hidden name next to ``final_path`` for staging its content."""
+    return final_path.with_name(f".{final_path.name}.{secrets.token_hex(6)}.boxfiles-part")
+
+
+@asynccontextmanager
+async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
+    """Open ``dest`` (a path, or an object with async ``write``) for writing.
+
+    A path is written through a hidden temporary file in the same directory
+    that replaces ``dest`` only when the block exits cleanly; on any error or
+    cancellation it is removed and ``dest`` is untouched.
+
+    Raises:
+        LocalIOError: the temporary file cannot be created, written or renamed.
+        TypeError: ``dest`` is neither a path nor a writer.
+    """
+    if isinstance(dest, AsyncWriter):
+        yield ChunkWriter(_object_write_fn(dest))
+        return
+    if not isinstance(dest, (str, os.PathLike)):
+        raise TypeError(f"dest must be a path or have async write(data), not {type(dest).__name__}")
+    final_path = Path(os.fspath(dest))
+    if final_path.is_dir():
+        raise LocalIOError(f"cannot write {final_path}: it is a directory")
+    part = part_name(final_path)
+    try:
+        fd = await trio.to_thread.run_sync(
+            os.open, part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
+        )
+    except OSError as err:
+        raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
+    committed = False
+    try:
+        yield ChunkWriter(_file_write_fn(fd, str(final_path)))
+        os.close(fd)
+        fd = -1
+        try:
+            os.replace(part, final_path)
+        except OSError as err:
+            raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
+        committed = True
+    finally:
+        if fd != -1:
+            os.close(fd)
+        if not committed:
+            part.unlink(missing_ok=True)

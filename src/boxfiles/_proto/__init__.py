@@ -1,0 +1,1 @@
+"""Code generated from protos/ by `nox -s protos`; do not edit."""

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import boxfiles
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (AF_UNIX paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="bf-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+async def server(root: Path, sock_dir: Path) -> AsyncIterator[str]:
+    """The reference server on a unix socket; yields its target."""
+    async with trio.open_nursery() as nursery:
+        target: str = await nursery.start(boxfiles.serve_files, root, f"unix:{sock_dir}/files.sock")
+        yield target
+        nursery.cancel_scope.cancel()
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """An in-memory tar archive holding ``files`` (name -> content)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def untar(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        found = {}
+        for member in tar.getmembers():
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                found[member.name] = extracted.read()
+        return found
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def our_threads() -> set[int]:
+    # trio keeps idle worker threads ("Trio thread N") cached process-wide
+    # for reuse; they are the runtime's, not boxfiles', so they are not
+    # counted.
+    return {
+        t.ident or 0 for t in threading.enumerate() if not t.name.startswith("Trio thread")
+    }
+
+
+def trio_tasks() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())
+
+
+class Leaks:
+    """Snapshot of fds, threads and trio tasks, compared by :meth:`check`."""
+
+    def __init__(self) -> None:
+        self.fds = open_fds()
+        self.threads = our_threads()
+        self.tasks = trio_tasks()
+
+    async def check(self) -> None:
+        # A peer notices a closed connection a moment later (EOF then
+        # connection_lost); allow it that moment, generously.
+        with trio.move_on_after(2):
+            while open_fds() - self.fds:
+                await trio.sleep(0.01)
+        assert open_fds() - self.fds == set(), "file descriptors leaked"
+        assert our_threads() - self.threads == set(), "threads leaked"
+        assert trio_tasks() == self.tasks, "trio tasks leaked"
