@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_asyncio
 
 import boxfiles
 
@@ -70,16 +72,23 @@ def our_threads() -> set[int]:
     # trio keeps idle worker threads ("Trio thread N") cached process-wide
     # for reuse; they are the runtime's, not boxfiles', so they are not
     # counted.
-    return {
-        t.ident or 0 for t in threading.enumerate() if not t.name.startswith("Trio thread")
-    }
+    return {t.ident or 0 for t in threading.enumerate() if not t.name.startswith("Trio thread")}
 
 
 def trio_tasks() -> int:
     def count(task: trio.lowlevel.Task) -> int:
         return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
 
-    return count(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return count(root)
+
+
+def assert_no_asyncio_tasks() -> None:
+    """Inside an open_client block: no asyncio task is left running."""
+    loop = trio_asyncio.current_loop.get()
+    assert loop is not None, "call this inside an open_client block"
+    assert asyncio.all_tasks(loop) == set()
 
 
 class Leaks:

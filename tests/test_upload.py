@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import boxfiles
 from boxfiles._bridge import ServerCall
 from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
 
-from .conftest import Leaks, tar_of
+from .conftest import Leaks, assert_no_asyncio_tasks, tar_of
 from .rig import Record, recv_all, scripted_server
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 MiB = 1024 * 1024
 PROMPT = 5.0  # a generous guard for "returns promptly"; never a speed claim
@@ -99,15 +103,18 @@ async def test_metadata_on_first_chunk_only(sock_dir: Path) -> None:
         )
     first, *rest = srv.records[0].chunks
     assert (first.dest_path, first.container_id) == ("/d", "c1")
-    assert first.HasField("source_is_dir") and first.source_is_dir
+    assert first.HasField("source_is_dir")
+    assert first.source_is_dir
     assert len(rest) == 2
     for chunk in rest:
-        assert chunk.dest_path == "" and chunk.container_id == ""
+        assert (chunk.dest_path, chunk.container_id) == ("", "")
         assert not chunk.HasField("source_is_dir")
-        assert not chunk.mkdir_parents and not chunk.overwrite
+        assert (chunk.mkdir_parents, chunk.overwrite) == (False, False)
 
 
-@pytest.mark.parametrize(("mkdir_parents", "overwrite"), [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize(
+    ("mkdir_parents", "overwrite"), [(True, True), (False, False), (True, False)]
+)
 async def test_booleans_always_sent(sock_dir: Path, mkdir_parents: bool, overwrite: bool) -> None:
     async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
         await client.upload_tar(
@@ -143,7 +150,7 @@ async def test_trio_file_object_is_a_source(sock_dir: Path, tmp_path: Path) -> N
 
 async def test_missing_source_file_is_local_io_error(sock_dir: Path, tmp_path: Path) -> None:
     async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
-        with pytest.raises(boxfiles.LocalIOError, match="missing.tar") as info:
+        with pytest.raises(boxfiles.LocalIOError, match=r"missing\.tar") as info:
             await client.upload_tar(tmp_path / "missing.tar", "/d")
     assert isinstance(info.value.__cause__, FileNotFoundError)
     assert srv.records == []  # nothing was sent
@@ -180,7 +187,10 @@ async def test_server_status_after_first_chunk_keeps_its_class(sock_dir: Path) -
         record.chunks.append(await call.recv())  # type: ignore[arg-type]
         raise boxfiles.PermissionDenied("no writes under /etc")
 
-    async with scripted_server(sock_dir, upload=deny) as srv, boxfiles.open_client(srv.target) as client:
+    async with (
+        scripted_server(sock_dir, upload=deny) as srv,
+        boxfiles.open_client(srv.target) as client,
+    ):
         with pytest.raises(boxfiles.PermissionDenied) as info:
             await client.upload_tar(BytesReader(os.urandom(8 * MiB)), "/etc/x", chunk_size=MiB)
     assert info.value.status is boxfiles.Status.PERMISSION_DENIED
@@ -205,7 +215,10 @@ async def test_status_classes_survive(sock_dir: Path, error: type[boxfiles.Remot
         await call.recv()
         raise error("because")
 
-    async with scripted_server(sock_dir, upload=fail) as srv, boxfiles.open_client(srv.target) as client:
+    async with (
+        scripted_server(sock_dir, upload=fail) as srv,
+        boxfiles.open_client(srv.target) as client,
+    ):
         with pytest.raises(error) as info:
             await client.upload_tar(BytesReader(b"x" * 10), "/d")
     assert type(info.value) is error
@@ -217,13 +230,18 @@ async def test_unclassified_status_is_internal_keeping_its_code(sock_dir: Path) 
         await call.recv()
         raise boxfiles.RemoteError("nope", status=boxfiles.Status.UNAUTHENTICATED)
 
-    async with scripted_server(sock_dir, upload=fail) as srv, boxfiles.open_client(srv.target) as client:
+    async with (
+        scripted_server(sock_dir, upload=fail) as srv,
+        boxfiles.open_client(srv.target) as client,
+    ):
         with pytest.raises(boxfiles.Internal) as info:
             await client.upload_tar(BytesReader(b"x"), "/d")
     assert info.value.status is boxfiles.Status.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize(("error", "message"), [("disk quota", "disk quota"), (None, "upload failed")])
+@pytest.mark.parametrize(
+    ("error", "message"), [("disk quota", "disk quota"), (None, "upload failed")]
+)
 async def test_success_false_is_upload_rejected(
     sock_dir: Path, error: str | None, message: str
 ) -> None:
@@ -234,7 +252,10 @@ async def test_success_false_is_upload_rejected(
             response.error = error
         await call.send(response)
 
-    async with scripted_server(sock_dir, upload=reject) as srv, boxfiles.open_client(srv.target) as client:
+    async with (
+        scripted_server(sock_dir, upload=reject) as srv,
+        boxfiles.open_client(srv.target) as client,
+    ):
         with pytest.raises(boxfiles.UploadRejected) as info:
             await client.upload_tar(BytesReader(b"x" * 100), "/d")
     assert info.value.message == message
@@ -242,7 +263,9 @@ async def test_success_false_is_upload_rejected(
 
 
 async def test_failed_rpc_cancels_a_stalled_reader(sock_dir: Path) -> None:
-    async def deny_after_first(call: ServerCall[UploadChunk, UploadResponse], record: Record) -> None:
+    async def deny_after_first(
+        call: ServerCall[UploadChunk, UploadResponse], record: Record
+    ) -> None:
         record.chunks.append(await call.recv())  # type: ignore[arg-type]
         raise boxfiles.PermissionDenied("denied")
 
@@ -281,6 +304,7 @@ async def test_caller_cancel_resets_stream_promptly(sock_dir: Path) -> None:
             with trio.fail_after(PROMPT):
                 await srv.records[0].reset.wait()
             assert not srv.records[0].ended_cleanly
+            assert_no_asyncio_tasks()
         await leaks.check()
 
 
@@ -313,6 +337,7 @@ async def test_cancel_at_any_moment(sock_dir: Path, when: str) -> None:
                         await got_all.wait()
                         scope.cancel()
             assert scope.cancelled_caught
+            assert_no_asyncio_tasks()
             if srv.records:
                 with trio.fail_after(PROMPT):
                     await srv.records[0].done.wait()
@@ -349,7 +374,10 @@ async def test_never_an_exception_group(sock_dir: Path) -> None:
         await call.recv()
         raise boxfiles.InvalidArgument("bad")
 
-    async with scripted_server(sock_dir, upload=fail) as srv, boxfiles.open_client(srv.target) as client:
+    async with (
+        scripted_server(sock_dir, upload=fail) as srv,
+        boxfiles.open_client(srv.target) as client,
+    ):
         for _ in range(5):
             with pytest.raises(boxfiles.FilesError) as info:
                 await client.upload_tar(FailingReader(good=1, size=10), "/d", chunk_size=10)

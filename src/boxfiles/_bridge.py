@@ -32,8 +32,8 @@ import grpclib.server
 import h2.exceptions
 import trio
 import trio_asyncio
-from grpclib.protocol import H2Protocol
 from google.protobuf.message import Message
+from grpclib.protocol import H2Protocol
 
 from ._errors import (
     DeadlineExceeded,
@@ -74,7 +74,10 @@ class Method(Generic[SendT, RecvT]):
 
     @property
     def _cardinality(self) -> grpclib.const.Cardinality:
-        return grpclib.const.Cardinality((self.client_streaming, self.server_streaming))
+        return _CARDINALITY[self.client_streaming, self.server_streaming]
+
+
+_CARDINALITY = {c.value: c for c in grpclib.const.Cardinality}
 
 
 @asynccontextmanager
@@ -187,9 +190,12 @@ class Channel:
 
     @asynccontextmanager
     async def open_call(
-        self, method: Method[SendT, RecvT], *, timeout: float | None = None
+        self, method: Method[SendT, RecvT], *, grpc_timeout: float | None = None
     ) -> AsyncIterator[ClientCall[SendT, RecvT]]:
         """Open one RPC; leaving the block with an exception resets it.
+
+        ``grpc_timeout`` is sent to the peer as ``grpc-timeout``; enforcing
+        it locally is the caller's job (a trio deadline).
 
         On a clean exit the caller must already have read the final status
         (:meth:`ClientCall.finish`). On any exception, trio.Cancelled
@@ -200,7 +206,7 @@ class Channel:
             method._cardinality,
             method.request_type,
             method.reply_type,
-            timeout=timeout,
+            timeout=grpc_timeout,
         )
         await _run(self._loop, stream.__aenter__(), self._where)
         try:
@@ -231,6 +237,11 @@ async def _new_channel(target: Target) -> grpclib.client.Channel:
 
 
 async def _close_channel(channel: grpclib.client.Channel) -> None:
+    protocol = channel._protocol
+    if protocol is not None and not protocol.connection.is_closing():
+        # abort, not close: close() waits for unsent data to drain, and a
+        # peer that stopped reading would keep the socket open forever.
+        protocol.connection._transport.abort()
     channel.close()
     # Let the transport's connection_lost callback run, so the socket is
     # closed when the caller's block ends rather than some time later.
@@ -313,7 +324,9 @@ class _Service:
                     grpclib.const.Status(exc.status.value), exc.message
                 ) from None
             except FilesError as exc:
-                raise grpclib.exceptions.GRPCError(grpclib.const.Status.INTERNAL, str(exc)) from None
+                raise grpclib.exceptions.GRPCError(
+                    grpclib.const.Status.INTERNAL, str(exc)
+                ) from None
             except grpclib.exceptions.GRPCError:
                 raise
             except Exception:
@@ -375,4 +388,13 @@ async def serve(
                 await loop.run_aio_coroutine(server.shut_down())
 
 
-__all__ = ["Channel", "ClientCall", "Handler", "Method", "ServerCall", "Status", "open_channel", "serve"]
+__all__ = [
+    "Channel",
+    "ClientCall",
+    "Handler",
+    "Method",
+    "ServerCall",
+    "Status",
+    "open_channel",
+    "serve",
+]

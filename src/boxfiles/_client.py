@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import final
@@ -39,6 +40,9 @@ from ._wire import (
     check_path,
     first_upload_chunk,
 )
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 async def supervise(*tasks: Callable[[], Awaitable[None]]) -> None:
@@ -80,7 +84,9 @@ class FilesClient:
             with trio.fail_after(self._timeout):
                 yield
         except trio.TooSlowError as exc:
-            raise DeadlineExceeded(f"call took longer than the client timeout of {self._timeout}s") from exc
+            raise DeadlineExceeded(
+                f"call took longer than the client timeout of {self._timeout}s"
+            ) from exc
 
     async def upload_tar(
         self,
@@ -138,7 +144,7 @@ class FilesClient:
         check_chunk_size(chunk_size)
         with self._deadline():
             async with open_source(source, chunk_size) as reader:
-                async with self._channel.open_call(UPLOAD, timeout=self._timeout) as call:
+                async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
                     response = await _upload(call, reader, first)
         if not response.success:
             raise UploadRejected(response.error or "upload failed")
@@ -189,7 +195,7 @@ class FilesClient:
         )
         with self._deadline():
             async with open_destination(dest) as writer:
-                async with self._channel.open_call(DOWNLOAD, timeout=self._timeout) as call:
+                async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
                     return await _download(call, request, writer)
 
 
@@ -281,7 +287,9 @@ async def _download(
 
 @asynccontextmanager
 async def open_client(
-    target: str | os.PathLike[str], *, timeout: float | None = None
+    target: str | os.PathLike[str],
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 -- each call's deadline, not this one's
 ) -> AsyncIterator[FilesClient]:
     """Connect to a Files server; the connection closes when the block ends.
 

@@ -191,13 +191,15 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
     if not isinstance(dest, (str, os.PathLike)):
         raise TypeError(f"dest must be a path or have async write(data), not {type(dest).__name__}")
     final_path = Path(os.fspath(dest))
-    if final_path.is_dir():
-        raise LocalIOError(f"cannot write {final_path}: it is a directory")
     part = part_name(final_path)
+
+    def create() -> int:
+        if final_path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        return os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
     try:
-        fd = await trio.to_thread.run_sync(
-            os.open, part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
-        )
+        fd = await trio.to_thread.run_sync(create)
     except OSError as err:
         raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
     committed = False

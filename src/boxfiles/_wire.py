@@ -99,4 +99,3 @@ def first_upload_chunk(
     if source_is_dir is not None:
         chunk.source_is_dir = bool(source_is_dir)
     return chunk
-
