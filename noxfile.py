@@ -21,6 +21,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """Hundreds of transfers with random faults; checks nothing leaks."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-m", "soak", "-s", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "src", "tests", "noxfile.py", "protos")

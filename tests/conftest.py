@@ -16,6 +16,8 @@ import trio_asyncio
 
 import boxfiles
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:

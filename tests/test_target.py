@@ -41,6 +41,12 @@ def test_bad_targets_are_named(text: str, match: str) -> None:
     assert repr(text) in str(info.value)
 
 
+def test_listen_address_may_ask_for_any_port() -> None:
+    assert parse_target("127.0.0.1:0", listen=True) == TcpTarget("127.0.0.1", 0)
+    with pytest.raises(ValueError, match="0-65535"):
+        parse_target("127.0.0.1:65536", listen=True)
+
+
 def test_loopback() -> None:
     assert TcpTarget("127.0.0.2", 1).is_loopback
     assert TcpTarget("localhost", 1).is_loopback

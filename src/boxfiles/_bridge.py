@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, NoReturn, TypeVar, final
+from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
 
 import grpclib.client
 import grpclib.const
@@ -42,18 +41,17 @@ from ._errors import (
     RemoteError,
     Status,
     Unavailable,
-    collapse,
     remote_error,
 )
+from ._supervise import one_error
 from ._target import Target, UnixTarget
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("boxfiles")
 
 SendT = TypeVar("SendT", bound=Message)
 RecvT = TypeVar("RecvT", bound=Message)
+RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
+SendT_contra = TypeVar("SendT_contra", bound=Message, contravariant=True)
 T = TypeVar("T")
 
 #: How long a shielded clean-up (stream reset, channel close) may take before
@@ -88,16 +86,11 @@ async def _asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
     if loop is not None:
         yield loop
         return
-    winner: BaseException | None = None
-    try:
+    # open_loop runs the block inside a nursery, which wraps whatever the
+    # block raises; hand back the exception itself.
+    with one_error():
         async with trio_asyncio.open_loop() as new_loop:
             yield new_loop
-    except BaseExceptionGroup as group:
-        # open_loop runs the block inside a nursery, which wraps whatever the
-        # block raises; hand back the exception itself.
-        winner = collapse(group)
-    if winner is not None:
-        raise winner
 
 
 def _map_exception(exc: BaseException, where: str) -> FilesError:
@@ -153,14 +146,20 @@ class ClientCall(Generic[SendT, RecvT]):
 
     def _status_or(self, exc: FilesError) -> FilesError:
         try:
-            self._stream._maybe_raise()
-        except grpclib.exceptions.GRPCError as status:
-            found = remote_error(int(status.status.value), status.message)
+            self.raise_for_status()
+        except RemoteError as found:
             found.__context__ = exc
             return found
-        except Exception:  # headers malformed: keep the original error
-            return exc
         return exc
+
+    def raise_for_status(self) -> None:
+        """Raise the RemoteError for a non-OK status the peer already sent."""
+        try:
+            self._stream._maybe_raise()
+        except grpclib.exceptions.GRPCError as status:
+            raise remote_error(int(status.status.value), status.message) from status
+        except Exception:  # malformed headers: no status to report
+            return
 
     async def send(self, message: SendT, *, end: bool = False) -> None:
         await self._call(self._stream.send_message(message, end=end))
@@ -261,9 +260,32 @@ async def open_channel(target: Target) -> AsyncIterator[Channel]:
                 await loop.run_aio_coroutine(_close_channel(channel))
 
 
+class ServerCall(Protocol[RecvT_co, SendT_contra]):
+    """The server's side of one RPC, seen from trio.
+
+    A Protocol, so a test rig can wrap a call to inject faults.
+    """
+
+    #: The client's address, ``host:port``, or ``"unix"``.
+    peer: str
+
+    async def recv(self) -> RecvT_co | None:
+        """The next message, or None once the client ended its side cleanly.
+
+        A client reset does not return: it cancels the handler.
+        """
+        ...
+
+    async def send(self, message: SendT_contra, /) -> None: ...
+
+    def abort_connection(self) -> None:
+        """Drop the whole connection at once (no GOAWAY, no status)."""
+        ...
+
+
 @final
-class ServerCall(Generic[RecvT, SendT]):
-    """The server's side of one RPC, seen from trio."""
+class _GrpclibServerCall(Generic[RecvT, SendT]):
+    """A grpclib server stream as a :class:`ServerCall`."""
 
     def __init__(
         self, loop: trio_asyncio.TrioEventLoop, stream: grpclib.server.Stream[RecvT, SendT]
@@ -271,18 +293,16 @@ class ServerCall(Generic[RecvT, SendT]):
         self._loop = loop
         self._stream = stream
         addr = stream.peer.addr() if stream.peer is not None else None
-        #: The client's address, ``host:port``, or ``"unix"``.
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
 
     async def recv(self) -> RecvT | None:
-        """The next message, or None once the client ended its side cleanly.
-
-        A client reset does not return: it cancels the handler.
-        """
         return await _run(self._loop, self._stream.recv_message(), "receiving from the client")
 
-    async def send(self, message: SendT) -> None:
+    async def send(self, message: SendT, /) -> None:
         await _run(self._loop, self._stream.send_message(message), "sending to the client")
+
+    def abort_connection(self) -> None:
+        self._stream._stream.connection._transport.abort()
 
 
 #: A trio-flavoured handler: returns normally for OK, raises RemoteError for a
@@ -318,7 +338,7 @@ class _Service:
 
         async def run(stream: grpclib.server.Stream[Any, Any]) -> None:
             try:
-                await loop.trio_as_future(handler, ServerCall(loop, stream))
+                await loop.trio_as_future(handler, _GrpclibServerCall(loop, stream))
             except RemoteError as exc:
                 raise grpclib.exceptions.GRPCError(
                     grpclib.const.Status(exc.status.value), exc.message

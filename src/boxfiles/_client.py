@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import final
 
 import trio
 
+from . import _copy
 from ._bridge import Channel, ClientCall, open_channel
-from ._errors import DeadlineExceeded, IncompleteTransfer, UploadRejected, collapse
+from ._errors import DeadlineExceeded, IncompleteTransfer, UploadRejected
 from ._local import (
     ChunkReader,
     ChunkWriter,
@@ -28,7 +28,9 @@ from ._local import (
     open_destination,
     open_source,
 )
+from ._progress import Meter, Progress, check_progress, metered_reader, metered_writer
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from ._supervise import supervise
 from ._target import parse_target
 from ._wire import (
     CHANNEL_CAPACITY,
@@ -40,27 +42,6 @@ from ._wire import (
     check_path,
     first_upload_chunk,
 )
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
-
-async def supervise(*tasks: Callable[[], Awaitable[None]]) -> None:
-    """Run ``tasks`` in one nursery; raise the single error that matters.
-
-    When one task fails the nursery cancels the others; the exceptions that
-    come out are collapsed to one (see :func:`boxfiles._errors.collapse`),
-    so no ExceptionGroup ever reaches a caller.
-    """
-    winner: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        winner = collapse(group)
-    if winner is not None:
-        raise winner
 
 
 @final
@@ -98,6 +79,7 @@ class FilesClient:
         overwrite: bool = True,
         source_is_dir: bool | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        progress: Progress | None = None,
     ) -> None:
         """Stream a tar archive to the server, to be extracted at ``dest_path``.
 
@@ -115,6 +97,9 @@ class FilesClient:
             source_is_dir: tells the server the archive holds a directory
                 (True) or a single file (False); None lets it decide.
             chunk_size: bytes of data per message (1 to MAX_CHUNK_SIZE).
+            progress: called as ``progress(bytes_sent, total)`` at most five
+                times a second and once at the end; ``total`` is a path
+                source's size, None for a reader.
 
         Raises:
             LocalIOError: the source could not be opened or read (the root
@@ -132,7 +117,9 @@ class FilesClient:
 
         On cancellation the reader and the sender stop at once, the stream
         is reset (the server sees RST_STREAM promptly, not at disconnect),
-        and trio.Cancelled propagates.
+        and trio.Cancelled propagates. A deadline behaves the same: the
+        caller's own ``fail_after`` raises trio.TooSlowError, the client's
+        ``timeout`` raises DeadlineExceeded.
         """
         first = first_upload_chunk(
             check_path(dest_path, "dest_path"),
@@ -142,8 +129,10 @@ class FilesClient:
             source_is_dir=source_is_dir,
         )
         check_chunk_size(chunk_size)
+        check_progress(progress)
         with self._deadline():
             async with open_source(source, chunk_size) as reader:
+                reader = await metered_reader(reader, progress, source)
                 async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
                     response = await _upload(call, reader, first)
         if not response.success:
@@ -157,6 +146,7 @@ class FilesClient:
         container_id: str | None = None,
         include_parent: bool = True,
         follow_symlinks: bool = False,
+        progress: Progress | None = None,
     ) -> bool | None:
         """Stream ``src_path`` from the server as a tar archive into ``dest``.
 
@@ -171,6 +161,8 @@ class FilesClient:
             include_parent: root a directory's archive at ``name/`` (True)
                 or at ``./`` (False).
             follow_symlinks: pack what symlinks point to, not the links.
+            progress: called as ``progress(bytes_received, None)`` at most
+                five times a second and once at the end.
 
         Returns:
             The ``source_is_dir`` flag the server sent on its first chunk, or
@@ -185,7 +177,9 @@ class FilesClient:
 
         On failure or cancellation a path ``dest`` is left as it was (absent,
         or its previous content), the stream is reset, and the error (or
-        trio.Cancelled) propagates.
+        trio.Cancelled) propagates. A deadline behaves the same: the caller's
+        own ``fail_after`` raises trio.TooSlowError, the client's ``timeout``
+        raises DeadlineExceeded.
         """
         request = DownloadRequest(
             src_path=check_path(src_path, "src_path"),
@@ -193,10 +187,141 @@ class FilesClient:
             include_parent=bool(include_parent),
             follow_symlinks=bool(follow_symlinks),
         )
+        meter = Meter(check_progress(progress), None)
         with self._deadline():
             async with open_destination(dest) as writer:
                 async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
-                    return await _download(call, request, writer)
+                    source_is_dir = await _download(call, request, metered_writer(writer, meter))
+        meter.finish()
+        return source_is_dir
+
+    async def copy_in(
+        self,
+        src: str | os.PathLike[str],
+        dest_path: str,
+        *,
+        container_id: str | None = None,
+        follow_symlinks: bool = False,
+        mkdir_parents: bool = True,
+        overwrite: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        """Copy a local file or directory into the box at ``dest_path``.
+
+        The tar archive is built by a worker thread while it streams (no
+        temporary file, memory bounded by a few chunks whatever the tree's
+        size), and ``source_is_dir`` is always sent. A directory's contents
+        are extracted into ``dest_path`` (created when missing and
+        ``mkdir_parents`` allows): ``src`` and ``src/.`` mean the same, and
+        unlike ``docker cp`` the directory never lands *inside* an existing
+        ``dest_path`` -- name that path instead. A file becomes
+        ``dest_path``, or lands inside it by its basename when it is an
+        existing directory or ends with ``/``. Sockets in the tree are
+        skipped; a fifo or device node fails the copy.
+
+        Args:
+            src: the local file or directory (or symlink).
+            dest_path: where in the box.
+            container_id: which container; None picks the server's only one.
+            follow_symlinks: when ``src`` itself is a symlink, copy what it
+                points to (like ``docker cp -L``); links inside a directory
+                are always copied as links.
+            mkdir_parents: create missing parent directories of dest_path.
+            overwrite: replace what already exists at the destination.
+            progress: called as ``progress(bytes_sent, total)`` at most five
+                times a second and once at the end. Passing it costs a
+                pre-walk of the tree (one lstat per entry, no file read --
+                about what ``du`` costs) that makes ``total`` the exact
+                archive size, unless files change meanwhile.
+
+        Raises:
+            LocalIOError: ``src`` is missing or unreadable, or holds a fifo
+                or device node.
+            UploadRejected, RemoteError, IncompleteTransfer: as for
+                :meth:`upload_tar`, with the same priority rules (a local
+                failure wins and the stream is reset, never ended).
+            TypeError, ValueError: an argument is of the wrong type or value.
+
+        On cancellation or past the client's ``timeout`` the stream is reset
+        at once and trio.Cancelled (or DeadlineExceeded) propagates; the
+        packing thread stops at its next chunk (a blocking read of one local
+        file cannot be interrupted).
+        """
+        with self._deadline():
+            await _copy.copy_in(
+                self,
+                src,
+                dest_path,
+                container_id=container_id,
+                follow_symlinks=follow_symlinks,
+                mkdir_parents=mkdir_parents,
+                overwrite=overwrite,
+                progress=progress,
+            )
+
+    async def copy_out(
+        self,
+        src_path: str,
+        dest: str | os.PathLike[str],
+        *,
+        container_id: str | None = None,
+        follow_symlinks: bool = False,
+        progress: Progress | None = None,
+    ) -> None:
+        """Copy ``src_path`` out of the box to the local path ``dest``.
+
+        The archive is unpacked while it streams, by a worker thread, into a
+        hidden staging directory beside the destination; only when it is
+        complete, sound, and the server reported OK is the result moved into
+        place, following ``docker cp``: a directory ``src_path`` lands
+        inside ``dest`` by its name when ``dest`` is an existing directory,
+        else becomes ``dest``; ``dir/.`` merges the directory's contents
+        into ``dest`` (created when missing); a file becomes ``dest`` or
+        lands inside it when it is a directory. Merging into an existing
+        directory replaces entries of the same name (a symlink found there
+        is replaced, never followed).
+
+        Extraction never writes outside the staging directory: entries with
+        absolute names or ``..``, hard links to anything not earlier in the
+        archive, an entry under a symlink (or file) of the archive, device
+        nodes and fifos raise UnsafeArchive. Symlink entries are recreated
+        verbatim, absolute targets included, and never followed. File and
+        directory permission bits (not setuid/setgid/sticky) and mtimes to
+        the nanosecond are restored; ownership is not.
+
+        Args:
+            src_path: the file or directory in the box; a trailing ``/.``
+                means a directory's contents.
+            dest: the local destination.
+            container_id: which container; None picks the server's only one.
+            follow_symlinks: ask the server to pack what symlinks point to.
+            progress: called as ``progress(bytes_received, None)`` at most
+                five times a second and once at the end.
+
+        Raises:
+            UnsafeArchive: the server sent a hostile or corrupt archive.
+            LocalIOError: the destination cannot be written (its parent is
+                missing, a directory would replace a file, ...).
+            RemoteError: the server failed the call (NotFound for a missing
+                source, ...); Unavailable, DeadlineExceeded as usual.
+            IncompleteTransfer: the stream or the archive ended early.
+            TypeError, ValueError: an argument is of the wrong type or value.
+
+        On any failure, cancellation or deadline the stream is reset, the
+        staging directory is removed and the local filesystem is left as it
+        was; the error (or trio.Cancelled) propagates. Only the final move
+        into an existing directory is not atomic: a failure there (rare, a
+        permission error say) can leave part of the tree merged.
+        """
+        with self._deadline():
+            await _copy.copy_out(
+                self,
+                src_path,
+                dest,
+                container_id=container_id,
+                follow_symlinks=follow_symlinks,
+                progress=progress,
+            )
 
 
 async def _upload(
@@ -239,12 +364,13 @@ async def _upload(
         # (a rejection after the first chunk, say) aborts the transfer at
         # once, even while the reader is stalled.
         response = await call.recv()
-        if response is not None and not response.success:
+        if response is None:
+            call.raise_for_status()
+            raise IncompleteTransfer("the server ended the upload without a response")
+        if not response.success:
             raise UploadRejected(response.error or "upload failed")
         await all_sent.wait()
         await call.finish()
-        if response is None:
-            raise IncompleteTransfer("the server ended the upload without a response")
 
     await supervise(read, send, receive)
     assert response is not None

@@ -76,7 +76,10 @@ class RemoteError(FilesError):
     def __init__(self, message: str = "", *, status: Status | None = None) -> None:
         self.status = self.default_status if status is None else status
         self.message = message
-        super().__init__(f"{self.status.name}: {message}" if message else self.status.name)
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        return f"{self.status.name}: {self.message}" if self.message else self.status.name
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_remote, (type(self), self.message, self.status))
@@ -126,9 +129,16 @@ class Internal(RemoteError):
 
 @final
 class UploadRejected(RemoteError):
-    """The server answered the upload with ``success=false``."""
+    """The server answered the upload with ``success=false``.
+
+    ``.status`` is OK (the call itself succeeded); ``.message`` is the
+    server's ``error``, or "upload failed" when it gave none.
+    """
 
     default_status = Status.OK
+
+    def _describe(self) -> str:
+        return f"upload rejected: {self.message}"
 
 
 _BY_STATUS: dict[Status, type[RemoteError]] = {

@@ -1,45 +1,76 @@
-"""The reference Files server: serve_files() and its two handlers."""
+"""The reference Files server: serve_files() and its two handlers.
+
+An upload is extracted, while it is still arriving, into a hidden staging
+directory inside the container root, then moved into place under a
+per-container lock; whatever goes wrong, the staging is removed and the tree
+is left as it was. A download is packed on the fly. Every path is resolved
+inside the container root (see :mod:`boxfiles._confine`).
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
-import shutil
+import secrets
 import socket
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, final
 
 import trio
 
-from . import _tar
+from . import _pack
 from ._bridge import Handler, Method, ServerCall, serve
+from ._confine import DIR_FLAGS, make_dir, remove_tree
 from ._errors import (
     AlreadyExists,
     FailedPrecondition,
-    FilesError,
     Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     RemoteError,
+    ResourceExhausted,
 )
+from ._extract import Feed, Placement, Staged, extract
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from ._supervise import supervise
 from ._target import TcpTarget, UnixTarget, parse_target
-from ._wire import CHANNEL_CAPACITY, DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD
+from ._wire import (
+    CHANNEL_CAPACITY,
+    DEFAULT_CHUNK_SIZE,
+    DOWNLOAD,
+    MAX_PATH_BYTES,
+    UPLOAD,
+    check_chunk_size,
+)
 
 log = logging.getLogger("boxfiles.server")
 
 #: Prefix of the staging directories an upload creates inside the container
-#: root; removed when the upload ends, whatever the outcome.
+#: root; removed when the upload ends, whatever the outcome, and left out of
+#: downloads.
 STAGING_PREFIX = ".boxfiles-staging-"
 
+#: Seconds after which unlocked staging counts as left by a crashed server.
+STALE_AFTER = 60.0
 
-def _has_dotdot(path: str) -> bool:
-    return ".." in path.split("/")
+
+def _check_path(path: str) -> None:
+    if "\x00" in path:
+        raise InvalidArgument(f"path must not contain NUL: {path!r}")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidArgument(f"path is longer than {MAX_PATH_BYTES} bytes: {path[:64]}...")
+    parts = path.split("/")
+    if ".." in parts:
+        raise InvalidArgument(f"path must not contain ..: {path}")
+    if any(parts) and next(p for p in parts if p).startswith(STAGING_PREFIX):
+        raise InvalidArgument(f"path is reserved for upload staging: {path}")
 
 
 def _remote_from_os(err: OSError, what: str) -> RemoteError:
@@ -50,117 +81,352 @@ def _remote_from_os(err: OSError, what: str) -> RemoteError:
         return AlreadyExists(message)
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied(message)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(message)
     return Internal(f"storage error: {message}")
+
+
+@final
+class _Transfer:
+    """The one log line of a transfer: INFO when it succeeded, WARNING with
+    the status when it did not."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.container = ""
+        self.path = ""
+        self.bytes = 0
+        self._started = time.monotonic()
+
+    def _log(self, level: int, outcome: str) -> None:
+        log.log(
+            level,
+            "%s container=%r path=%r bytes=%d duration=%.3fs outcome=%s",
+            self.kind,
+            self.container,
+            self.path,
+            self.bytes,
+            time.monotonic() - self._started,
+            outcome,
+        )
+
+    def ok(self) -> None:
+        self._log(logging.INFO, "ok")
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, RemoteError):
+            outcome = f"{exc.status.name}: {exc.message}"
+        elif isinstance(exc, trio.Cancelled):
+            outcome = "CANCELLED: stream reset or server shutting down"
+        else:
+            outcome = f"INTERNAL: {exc!r}"
+        self._log(logging.WARNING, outcome)
+
+
+@final
+@dataclass
+class _Staging:
+    """An upload's hidden directory inside the container root, with ``tree``
+    (what is extracted) inside it. Owns the three fds."""
+
+    root_fd: int
+    fd: int
+    name: str
+    tree_fd: int
+
+    @classmethod
+    def create(cls, root: Path) -> _Staging:
+        root_fd = os.open(root, DIR_FLAGS)
+        try:
+            while True:
+                name = STAGING_PREFIX + secrets.token_hex(8)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=root_fd)
+                except FileExistsError:
+                    continue
+                break
+            fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+            try:
+                # Held while the upload runs: tells a sweep (at any server's
+                # start) that this staging is alive; a crash releases it.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Mode of a directory archive without a "./" entry: the
+                # staged tree may become the destination itself.
+                tree_fd = make_dir(fd, "tree", 0o755)
+            except BaseException:
+                os.close(fd)
+                remove_tree(root_fd, name)
+                raise
+        except BaseException:
+            os.close(root_fd)
+            raise
+        return cls(root_fd, fd, name, tree_fd)
+
+    def place(
+        self,
+        staged: Staged,
+        dest_path: str,
+        *,
+        file_mode: bool,
+        mkdir_parents: bool,
+        overwrite: bool,
+    ) -> None:
+        placement = Placement(self.root_fd, self.fd, overwrite=overwrite)
+        try:
+            placement.run(staged, dest_path, file_mode=file_mode, mkdir_parents=mkdir_parents)
+        finally:
+            placement.close()
+
+    def remove(self) -> None:
+        os.close(self.tree_fd)
+        os.close(self.fd)
+        try:
+            remove_tree(self.root_fd, self.name)
+        finally:
+            os.close(self.root_fd)
+
+
+def sweep_stale_staging(root: Path) -> list[str]:
+    """Remove staging left in ``root`` by a server that died mid-upload.
+
+    Staging whose lock is held belongs to a live upload (of this or another
+    server on the same root) and is kept, and so is staging younger than
+    STALE_AFTER, which may not be locked yet. Returns the names removed.
+    """
+    removed = []
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        for name in os.listdir(root_fd):
+            if not name.startswith(STAGING_PREFIX):
+                continue
+            fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+            try:
+                if time.time() - os.fstat(fd).st_mtime < STALE_AFTER:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            finally:
+                os.close(fd)
+            remove_tree(root_fd, name)
+            removed.append(name)
+    finally:
+        os.close(root_fd)
+    return removed
 
 
 @final
 class FilesService:
     """Upload and Download over container roots on this machine."""
 
-    def __init__(self, roots: Mapping[str, Path], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        roots: Mapping[str, Path],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_upload_bytes: int | None = None,
+    ) -> None:
         self._roots = dict(roots)
         self._chunk_size = chunk_size
+        self._max_upload_bytes = max_upload_bytes
+        # Placements into one container run one at a time, so each applies
+        # (or is undone) as a whole against a tree no other upload changes.
+        self._locks = {cid: trio.Lock() for cid in self._roots}
 
     def handlers(self) -> dict[Method[Any, Any], Handler]:
         return {UPLOAD: self.upload, DOWNLOAD: self.download}
 
-    def _root(self, container_id: str) -> Path:
+    def _container(self, container_id: str) -> tuple[str, Path]:
         if container_id:
-            try:
-                return self._roots[container_id]
-            except KeyError:
-                raise FailedPrecondition(f"container not found: {container_id}") from None
+            if container_id not in self._roots:
+                raise FailedPrecondition(f"container not found: {container_id}")
+            return container_id, self._roots[container_id]
         if len(self._roots) != 1:
             raise FailedPrecondition(
                 f"container_id is required: this server has {len(self._roots)} containers"
             )
-        return next(iter(self._roots.values()))
+        return next(iter(self._roots.items()))
 
     async def upload(self, call: ServerCall[UploadChunk, UploadResponse]) -> None:
-        started = time.monotonic()
+        """Handle one Upload; see the SPEC table for every answer.
+
+        Raises:
+            RemoteError: the status the client gets (InvalidArgument,
+                NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+                PermissionDenied, Internal), always with the tree unchanged.
+
+        A client reset, or the deadline the client sent (grpc-timeout),
+        cancels this handler; the staging is then removed (shielded) and
+        nothing is placed, unless placement had already started, in which
+        case it completes as a whole first.
+        """
+        transfer = _Transfer("upload")
+        try:
+            await self._upload(call, transfer)
+        except BaseException as exc:
+            transfer.failed(exc)
+            raise
+        transfer.ok()
+
+    async def _upload(
+        self, call: ServerCall[UploadChunk, UploadResponse], transfer: _Transfer
+    ) -> None:
         first = await call.recv()
         if first is None:
             raise InvalidArgument("empty upload stream")
+        transfer.path = first.dest_path
         if not first.dest_path:
             raise InvalidArgument("dest_path is required in first chunk")
-        if _has_dotdot(first.dest_path):
-            raise InvalidArgument(f"path must not contain ..: {first.dest_path}")
-        root = self._root(first.container_id)
-        received = 0
-        staging = Path(
-            await trio.to_thread.run_sync(lambda: _make_staging(root))
-        )
+        _check_path(first.dest_path)
+        cid, root = self._container(first.container_id)
+        transfer.container = cid
+        source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
+        staging = await trio.to_thread.run_sync(_Staging.create, root)
         try:
-            archive = staging / "archive.tar"
-            with archive.open("wb") as out:
+            staged = await self._receive(call, first, staging, transfer)
+            if source_is_dir is False and not staged.single_file:
+                raise InvalidArgument(
+                    f"source_is_dir is false but the archive for {first.dest_path} is not a single file"
+                )
+            file_mode = (
+                staged.single_file
+                and source_is_dir is not True
+                and not first.dest_path.endswith("/")
+            )
+            async with self._locks[cid]:
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda: staging.place(
+                            staged,
+                            first.dest_path,
+                            file_mode=file_mode,
+                            mkdir_parents=first.mkdir_parents,
+                            overwrite=first.overwrite,
+                        )
+                    )
+                except OSError as err:
+                    raise _remote_from_os(err, first.dest_path) from err
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(staging.remove)
+        await call.send(UploadResponse(success=True))
+
+    async def _receive(
+        self,
+        call: ServerCall[UploadChunk, UploadResponse],
+        first: UploadChunk,
+        staging: _Staging,
+        transfer: _Transfer,
+    ) -> Staged:
+        send_data, receive_data = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+        cap = self._max_upload_bytes
+        staged: Staged | None = None
+
+        async def pump() -> None:
+            async with send_data:
                 chunk: UploadChunk | None = first
                 while chunk is not None:
                     if chunk.data:
-                        received += len(chunk.data)
-                        await trio.to_thread.run_sync(out.write, chunk.data)
+                        transfer.bytes += len(chunk.data)
+                        if cap is not None and transfer.bytes > cap:
+                            raise ResourceExhausted(
+                                f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
+                            )
+                        try:
+                            await send_data.send(chunk.data)
+                        except trio.BrokenResourceError:
+                            return  # the extractor failed; its error explains why
                     chunk = await call.recv()
-            source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
-            try:
-                await trio.to_thread.run_sync(
-                    lambda: _tar.extract_archive(
-                        archive,
-                        staging / "tree",
-                        root,
-                        first.dest_path,
-                        source_is_dir=source_is_dir,
-                        mkdir_parents=first.mkdir_parents,
-                        overwrite=first.overwrite,
+
+        async def unpack() -> None:
+            nonlocal staged
+            async with receive_data:
+                try:
+                    staged = await trio.to_thread.run_sync(
+                        extract, Feed(receive_data), staging.tree_fd
                     )
-                )
-            except OSError as err:
-                raise _remote_from_os(err, first.dest_path) from err
-        except BaseException as exc:
-            log.warning(
-                "upload %s bytes=%d failed after %.3fs: %r",
-                first.dest_path, received, time.monotonic() - started, exc,
-            )
-            raise
-        finally:
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
-        log.info(
-            "upload %s bytes=%d ok in %.3fs", first.dest_path, received, time.monotonic() - started
-        )
-        await call.send(UploadResponse(success=True))
+                except OSError as err:
+                    raise _remote_from_os(err, f"extracting into {first.dest_path}") from err
+
+        await supervise(pump, unpack)
+        assert staged is not None
+        return staged
 
     async def download(self, call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
-        started = time.monotonic()
+        """Handle one Download: pack ``src_path`` on the fly.
+
+        Raises:
+            RemoteError: InvalidArgument, FailedPrecondition, NotFound
+                (missing source), PermissionDenied or Internal; once chunks
+                have been sent, the status ends an incomplete archive.
+
+        A client reset or its deadline cancels this handler, which stops the
+        packing thread at its next chunk.
+        """
+        transfer = _Transfer("download")
+        try:
+            await self._download(call, transfer)
+        except BaseException as exc:
+            transfer.failed(exc)
+            raise
+        transfer.ok()
+
+    async def _download(
+        self, call: ServerCall[DownloadRequest, DownloadChunk], transfer: _Transfer
+    ) -> None:
         request = await call.recv()
         if request is None:
             raise InvalidArgument("empty download request")
+        transfer.path = request.src_path
         if not request.src_path:
             raise InvalidArgument("src_path is required")
-        if _has_dotdot(request.src_path):
-            raise InvalidArgument(f"path must not contain ..: {request.src_path}")
-        root = self._root(request.container_id)
+        _check_path(request.src_path)
+        cid, root = self._container(request.container_id)
+        transfer.container = cid
+        root_fd = await trio.to_thread.run_sync(os.open, root, DIR_FLAGS)
         try:
-            plan = await trio.to_thread.run_sync(
-                lambda: _tar.plan_pack(
-                    root,
-                    request.src_path,
-                    include_parent=request.include_parent,
-                    follow_symlinks=request.follow_symlinks,
+            try:
+                plan = await trio.to_thread.run_sync(
+                    lambda: _pack.plan(
+                        root_fd,
+                        request.src_path,
+                        include_parent=request.include_parent,
+                        follow_symlinks=request.follow_symlinks,
+                    )
                 )
-            )
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise NotFound(f"source path does not exist: {request.src_path}") from err
-            raise _remote_from_os(err, request.src_path) from err
+            except OSError as err:
+                raise _remote_from_os(err, request.src_path) from err
+            try:
+                await self._stream(call, root_fd, plan, transfer)
+            finally:
+                plan.source.close()
+        finally:
+            os.close(root_fd)
+
+    async def _stream(
+        self,
+        call: ServerCall[DownloadRequest, DownloadChunk],
+        root_fd: int,
+        plan: _pack.PackPlan,
+        transfer: _Transfer,
+    ) -> None:
         send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
-        sent = 0
 
         async def pack() -> None:
             async with send_chunks:
-                await trio.to_thread.run_sync(
-                    _tar.pack, plan, _tar.ChannelWriter(send_chunks, self._chunk_size)
-                )
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda: _pack.pack(
+                            root_fd,
+                            plan,
+                            _pack.Sink(send_chunks, self._chunk_size),
+                            skip_prefix=STAGING_PREFIX,
+                        )
+                    )
+                except OSError as err:
+                    raise _remote_from_os(err, f"reading {transfer.path}") from err
 
         async def stream() -> None:
-            nonlocal sent
             first = True
             async with receive_chunks:
                 async for data in receive_chunks:
@@ -168,63 +434,110 @@ class FilesService:
                     if first:
                         message.source_is_dir = plan.source_is_dir
                         first = False
-                    sent += len(data)
+                    transfer.bytes += len(data)
                     await call.send(message)
 
-        from ._client import supervise
+        await supervise(pack, stream)
 
-        try:
-            await supervise(pack, stream)
-        except OSError as err:
-            raise _remote_from_os(err, request.src_path) from err
-        except FilesError:
-            log.warning("download %s failed", request.src_path)
-            raise
-        log.info(
-            "download %s bytes=%d ok in %.3fs", request.src_path, sent, time.monotonic() - started
+
+@final
+@dataclass(frozen=True)
+class _Listener:
+    sock: socket.socket
+    address: str
+    #: (path, st_dev, st_ino) of the unix socket file this server created.
+    unix_file: tuple[str, int, int] | None
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a crashed server; refuse a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    except BlockingIOError:
+        pass  # listening, with a full backlog
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
+
+
+def _bind_unix(target: UnixTarget) -> _Listener:
+    _clear_stale_socket(target.path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(target.path)
+        # Before listen(), nobody can connect: restrict first, so there is
+        # no moment when another user could (and no process-wide umask).
+        os.chmod(target.path, 0o600)
+        st = os.stat(target.path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return _Listener(sock, f"unix:{target.path}", (target.path, st.st_dev, st.st_ino))
+
+
+def _bind_tcp(target: TcpTarget, allow_remote: bool) -> _Listener:
+    if not target.is_loopback and not allow_remote:
+        raise ValueError(
+            f"refusing to listen on {target}, which is not a loopback address: the Files "
+            "protocol has no authentication; pass allow_remote=True to do it anyway"
         )
-
-
-def _make_staging(root: Path) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
-
-
-def _bind(listen: str) -> socket.socket:
-    target = parse_target(listen)
-    if isinstance(target, UnixTarget):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if os.path.exists(target.path) and stat.S_ISSOCK(os.lstat(target.path).st_mode):
-                os.unlink(target.path)
-            old = os.umask(0o177)
-            try:
-                sock.bind(target.path)
-            finally:
-                os.umask(old)
-            sock.listen(128)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    assert isinstance(target, TcpTarget)
     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((target.host, target.port))
         sock.listen(128)
+        host, port = sock.getsockname()[:2]
     except BaseException:
         sock.close()
         raise
-    return sock
+    return _Listener(sock, str(TcpTarget(host, port)), None)
+
+
+def _remove_socket_file(unix_file: tuple[str, int, int]) -> None:
+    path, dev, ino = unix_file
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == (dev, ino):  # still ours, not a successor's
+        os.unlink(path)
+
+
+def _resolve_roots(
+    root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+) -> dict[str, Path]:
+    roots = {"": root} if isinstance(root, (str, os.PathLike)) else dict(root)
+    if not roots:
+        raise ValueError("no container roots to serve")
+    resolved = {cid: Path(os.fspath(path)).resolve() for cid, path in roots.items()}
+    for cid, path in resolved.items():
+        if not path.is_dir():
+            raise ValueError(f"container root is not a directory: {path} (container {cid!r})")
+    if "" in resolved and len(resolved) > 1:
+        raise ValueError("a container id must not be empty when serving several containers")
+    return resolved
 
 
 async def serve_files(
     root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
     listen: str,
     *,
+    max_upload_bytes: int | None = None,
+    allow_remote: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve the Files service for ``root`` on ``listen`` until cancelled.
@@ -234,42 +547,77 @@ async def serve_files(
     accepting calls.
 
     Args:
-        root: the container root directory, or a mapping of container ids
-            to root directories.
+        root: the container root directory (served as the sole container,
+            id ""), or a mapping of container ids to root directories.
         listen: ``unix:PATH`` / ``unix:///abs/path`` or ``[tcp://]host:port``.
+            A unix socket is created owner-only
+            (0600); a stale socket file nobody listens on is replaced.
+        max_upload_bytes: uploads with more archive bytes than this fail
+            with RESOURCE_EXHAUSTED, nothing written; None for no limit.
+        allow_remote: allow a TCP address that is not loopback. The protocol
+            has no authentication: anyone who can connect can read and write
+            every container root.
+        chunk_size: bytes of data per download message.
 
     On cancellation the listener closes, transfers in flight are reset (their
-    staging is removed), a unix socket file is removed, and trio.Cancelled
+    staging is removed), the unix socket file is removed, and trio.Cancelled
     propagates.
 
     Raises:
-        ValueError: ``listen`` is malformed or a root is not a directory.
-        OSError: the address cannot be bound.
+        ValueError: ``listen`` is malformed, a root is not a directory, an
+            option is out of range, or a TCP address is not loopback and
+            ``allow_remote`` is false.
+        OSError: the address cannot be bound (EADDRINUSE when a live server
+            owns the unix socket; FileExistsError when the path is not a
+            socket).
     """
-    roots = {"": root} if isinstance(root, (str, os.PathLike)) else dict(root)
-    resolved = {cid: Path(os.fspath(path)).resolve() for cid, path in roots.items()}
-    for cid, path in resolved.items():
-        if not path.is_dir():
-            raise ValueError(f"container root is not a directory: {path} (container {cid!r})")
-    if "" in resolved and len(resolved) > 1:
-        raise ValueError("a container id must not be empty when serving several containers")
-    service = FilesService({k: v for k, v in resolved.items()})
-    sock = _bind(listen)
-    target = parse_target(listen)
-    if isinstance(target, TcpTarget):
-        host, port = sock.getsockname()[:2]
-        address = str(TcpTarget(host, port))
-    else:
-        address = f"unix:{target.path}"
+    await serve_service(
+        FilesService.handlers,
+        root,
+        listen,
+        max_upload_bytes=max_upload_bytes,
+        allow_remote=allow_remote,
+        chunk_size=chunk_size,
+        task_status=task_status,
+    )
+
+
+async def serve_service(
+    handlers_for: Callable[[FilesService], Mapping[Method[Any, Any], Handler]],
+    root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    listen: str,
+    *,
+    max_upload_bytes: int | None = None,
+    allow_remote: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """:func:`serve_files`, with the handlers chosen by ``handlers_for``
+    (given the service); the fault-injecting test server wraps them."""
+    resolved = _resolve_roots(root)
+    if max_upload_bytes is not None and (
+        isinstance(max_upload_bytes, bool)
+        or not isinstance(max_upload_bytes, int)
+        or max_upload_bytes < 0
+    ):
+        raise ValueError(f"max_upload_bytes must be None or an int >= 0, got {max_upload_bytes!r}")
+    service = FilesService(
+        resolved, chunk_size=check_chunk_size(chunk_size), max_upload_bytes=max_upload_bytes
+    )
+    target = parse_target(listen, listen=True)
+    listener = (
+        _bind_unix(target) if isinstance(target, UnixTarget) else _bind_tcp(target, allow_remote)
+    )
     try:
+        for cid, path in resolved.items():
+            for name in await trio.to_thread.run_sync(sweep_stale_staging, path):
+                log.warning("removed stale staging %s of container %r", name, cid)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, service.handlers())
-            task_status.started(address)
+            await nursery.start(serve, listener.sock, handlers_for(service))
+            task_status.started(listener.address)
             await trio.sleep_forever()
     finally:
-        sock.close()
-        if isinstance(target, UnixTarget):
-            with_suppressed = os.path.exists(target.path)
-            if with_suppressed:
-                os.unlink(target.path)
+        listener.sock.close()
+        if listener.unix_file is not None:
+            _remove_socket_file(listener.unix_file)
     raise AssertionError("unreachable")

@@ -42,9 +42,9 @@ class TcpTarget:
 Target = UnixTarget | TcpTarget
 
 
-def parse_target(target: str | os.PathLike[str]) -> Target:
+def parse_target(target: str | os.PathLike[str], *, listen: bool = False) -> Target:
     """Parse ``unix:///abs.sock``, ``unix:rel/or/abs.sock``, ``tcp://host:port``
-    or ``host:port``.
+    or ``host:port``. An address to ``listen`` on may use port 0 (any free one).
 
     Raises:
         ValueError: naming the target and what is wrong with it.
@@ -72,6 +72,7 @@ def parse_target(target: str | os.PathLike[str]) -> Target:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"IPv6 hosts go in brackets, [::1]:port: {text!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"target port must be 1-65535: {text!r}")
+    lowest = 0 if listen else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise ValueError(f"target port must be {lowest}-65535: {text!r}")
     return TcpTarget(host, int(port_text))

@@ -1,0 +1,468 @@
+"""The ``boxfiles`` command: serve, cp and demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+
+from ._client import open_client
+from ._errors import (
+    FilesError,
+    LocalIOError,
+    RemoteError,
+    Unavailable,
+    UnsafeArchive,
+)
+from ._supervise import one_error
+from ._target import TcpTarget, parse_target
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_LOCAL = 3
+EXIT_REMOTE = 4
+EXIT_UNSAFE = 5
+
+EXIT_CODES = f"""\
+exit status:
+  {EXIT_OK}    success (serve: also after Ctrl-C / SIGTERM, once shut down cleanly)
+  {EXIT_INTERNAL}    internal error (a bug; set BOXFILES_DEBUG=1 for a traceback)
+  {EXIT_USAGE}    usage error: bad arguments or options
+  {EXIT_LOCAL}    local failure: reading or writing a path on this machine
+  {EXIT_REMOTE}    remote failure: the server refused, failed or could not be reached
+  {EXIT_UNSAFE}    the server sent an unsafe or corrupt archive (nothing was written)
+  130  cp interrupted by Ctrl-C; 143: by SIGTERM (nothing half-written is left)
+"""
+
+BOX_PREFIX = "box:"
+
+CP_DESCRIPTION = """\
+Copy SRC to DST; exactly one of them is box:PATH.
+
+Into the box, a local directory's contents land in box:PATH, created when
+missing (DIR and DIR/. mean the same); a file becomes box:PATH, or lands
+inside it when it is a directory. Out of the box, like docker cp: box:DIR
+lands inside DST when DST is an existing directory, else becomes DST;
+box:DIR/. merges its contents into DST; a file becomes DST or lands inside
+it. '-' as the local side streams a tar archive on stdin (SRC) or stdout
+(DST). A progress bar is shown when stdout is a terminal."""
+
+
+class UsageError(Exception):
+    """Bad command-line arguments; exit status EXIT_USAGE."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error (argparse prints usage too).
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="boxfiles",
+        description="Move files in and out of sandboxes over the boxlite.v1.Files gRPC service.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the reference Files server",
+        description="Serve ROOT over the Files service until Ctrl-C or SIGTERM.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--root", required=True, metavar="DIR", help="the container root")
+    serve.add_argument(
+        "--listen",
+        required=True,
+        metavar="URI",
+        help="unix:PATH, unix:///abs/path or [tcp://]host:port",
+    )
+    serve.add_argument(
+        "--container-id",
+        metavar="ID",
+        default="",
+        help="serve ROOT as this container id (default: the sole, unnamed container)",
+    )
+    serve.add_argument(
+        "--max-upload-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="refuse uploads larger than N archive bytes (RESOURCE_EXHAUSTED)",
+    )
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback TCP address (there is no authentication)",
+    )
+
+    cp = commands.add_parser(
+        "cp",
+        help="copy files between this machine and a box",
+        description=CP_DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cp.add_argument("src", metavar="SRC")
+    cp.add_argument("dst", metavar="DST")
+    cp.add_argument(
+        "--connect",
+        metavar="URI",
+        default=os.environ.get("BOXFILES_CONNECT"),
+        help="the server: unix:PATH or host:port (default: $BOXFILES_CONNECT)",
+    )
+    cp.add_argument("--container", metavar="ID", help="the container (default: the sole one)")
+    cp.add_argument(
+        "-L",
+        "--follow-symlinks",
+        action="store_true",
+        help="copy what a symlink SRC points to, not the link",
+    )
+    cp.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="into the box: fail instead of replacing what exists",
+    )
+    cp.add_argument(
+        "--no-parents",
+        action="store_true",
+        help="into the box: fail instead of creating missing parent directories",
+    )
+    cp.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is none unless on a terminal)",
+    )
+    cp.add_argument(
+        "--timeout", type=_positive_float, metavar="SECONDS", help="give up after this long"
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="copy a sample tree in and out of an embedded server and report",
+        description=(
+            "Start a reference server in this process on a temporary unix socket, build a "
+            "sample tree, copy it in and back out, check the round trip is exact, print a "
+            "short report and clean up."
+        ),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--big-mib", type=_positive_int, default=256, metavar="N", help="size of the big file (256)"
+    )
+    demo.add_argument(
+        "--small-files", type=_positive_int, default=2000, metavar="N", help="small files (2000)"
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _fail(message: str) -> None:
+    print(f"boxfiles: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ signals
+
+
+@dataclass
+class _Interrupt:
+    signum: int | None = None
+
+
+async def _until_signal(body: Callable[[], Awaitable[None]]) -> _Interrupt:
+    """Run ``body``; SIGINT or SIGTERM cancels it (so it cleans up) and is
+    reported instead of killing the process."""
+    interrupt = _Interrupt()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, one_error():
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    interrupt.signum = signum
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def run() -> None:
+                await body()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(run)
+    return interrupt
+
+
+# -------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import serve_files
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        target = parse_target(args.listen, listen=True)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if isinstance(target, TcpTarget) and not target.is_loopback and not args.allow_remote:
+        raise UsageError(
+            f"{args.listen} is not a loopback address; the service has no authentication "
+            "(pass --allow-remote to serve it anyway)"
+        )
+    root = {args.container_id: args.root} if args.container_id else args.root
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(
+                lambda task_status: serve_files(
+                    root,
+                    args.listen,
+                    max_upload_bytes=args.max_upload_bytes,
+                    allow_remote=args.allow_remote,
+                    task_status=task_status,
+                )
+            )
+            print(f"boxfiles: serving {args.root} at {address}", file=sys.stderr, flush=True)
+
+    try:
+        interrupt = trio.run(_until_signal, body)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        _fail(f"cannot listen on {args.listen}: {err.strerror or err}")
+        return EXIT_LOCAL
+    if interrupt.signum is not None:
+        print("boxfiles: server stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------- cp
+
+
+@dataclass(frozen=True)
+class _Copy:
+    into_box: bool
+    local: str  # a path, or "-" for a tar on stdin/stdout
+    remote: str
+
+
+def _copy_plan(src: str, dst: str) -> _Copy:
+    src_box, dst_box = src.startswith(BOX_PREFIX), dst.startswith(BOX_PREFIX)
+    if src_box == dst_box:
+        raise UsageError("exactly one of SRC and DST must be box:PATH")
+    remote = (src if src_box else dst)[len(BOX_PREFIX) :]
+    local = dst if src_box else src
+    if not remote:
+        raise UsageError("box:PATH needs a path after 'box:'")
+    if not local:
+        raise UsageError("the local path is empty")
+    return _Copy(into_box=dst_box, local=local, remote=remote)
+
+
+class _Bar:
+    """A tqdm progress bar fed by the progress callback."""
+
+    def __init__(self, label: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=label,
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+        )
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total is not None and self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _StdinReader:
+    def __init__(self) -> None:
+        self._file = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+
+    async def read(self, max_bytes: int) -> bytes:
+        # A pipe read can block forever; on cancellation the thread is left
+        # to it (the process is about to exit) rather than waited for.
+        data = await trio.to_thread.run_sync(self._file.read, max_bytes, abandon_on_cancel=True)
+        return data or b""
+
+
+class _StdoutWriter:
+    def __init__(self) -> None:
+        self._fd = sys.stdout.fileno()
+
+    async def write(self, data: bytes) -> None:
+        def write_all() -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+        await trio.to_thread.run_sync(write_all, abandon_on_cancel=True)  # as for stdin
+
+
+def _cp(args: argparse.Namespace) -> int:
+    plan = _copy_plan(args.src, args.dst)
+    if not args.connect:
+        raise UsageError("no server given: pass --connect URI or set BOXFILES_CONNECT")
+    try:
+        parse_target(args.connect)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not plan.into_box and (args.no_overwrite or args.no_parents):
+        raise UsageError("--no-overwrite and --no-parents apply to copies into the box only")
+    if plan.local == "-" and not plan.into_box and sys.stdout.isatty():
+        raise UsageError("refusing to write a tar archive to a terminal; redirect stdout")
+    bar: _Bar | None = None
+    if not args.quiet and plan.local != "-" and sys.stdout.isatty() and sys.stderr.isatty():
+        bar = _Bar(os.path.basename(plan.local.rstrip("/")) or plan.local)
+
+    async def body() -> None:
+        async with open_client(args.connect, timeout=args.timeout) as client:
+            if plan.into_box and plan.local == "-":
+                await client.upload_tar(
+                    _StdinReader(),
+                    plan.remote,
+                    container_id=args.container,
+                    mkdir_parents=not args.no_parents,
+                    overwrite=not args.no_overwrite,
+                    progress=bar,
+                )
+            elif plan.into_box:
+                await client.copy_in(
+                    plan.local,
+                    plan.remote,
+                    container_id=args.container,
+                    follow_symlinks=args.follow_symlinks,
+                    mkdir_parents=not args.no_parents,
+                    overwrite=not args.no_overwrite,
+                    progress=bar,
+                )
+            elif plan.local == "-":
+                await client.download_tar(
+                    plan.remote,
+                    _StdoutWriter(),
+                    container_id=args.container,
+                    follow_symlinks=args.follow_symlinks,
+                )
+            else:
+                await client.copy_out(
+                    plan.remote,
+                    plan.local,
+                    container_id=args.container,
+                    follow_symlinks=args.follow_symlinks,
+                    progress=bar,
+                )
+
+    try:
+        interrupt = trio.run(_until_signal, body)
+    except UnsafeArchive as err:
+        _fail(f"box:{plan.remote}: {err}")
+        return EXIT_UNSAFE
+    except LocalIOError as err:
+        _fail(str(err))
+        return EXIT_LOCAL
+    except Unavailable as err:
+        _fail(f"cannot reach the server at {args.connect}: {err.message or err.status.name}")
+        return EXIT_REMOTE
+    except RemoteError as err:
+        _fail(f"box:{plan.remote}: {err.message or 'failed'} ({err.status.name})")
+        return EXIT_REMOTE
+    except FilesError as err:  # IncompleteTransfer: the stream ended with no status
+        _fail(f"box:{plan.remote}: {err}")
+        return EXIT_REMOTE
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if interrupt.signum is not None:
+        _fail("interrupted; nothing was left half-written")
+        return 128 + interrupt.signum
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import demo
+
+    # The demo reports failures itself; the embedded server's per-transfer
+    # warnings (a copy cancelled by Ctrl-C, say) would only repeat them.
+    logging.getLogger("boxfiles.server").setLevel(logging.ERROR)
+    status = EXIT_OK
+
+    async def body() -> None:
+        nonlocal status
+        status = await demo(big_mib=args.big_mib, small_files=args.small_files)
+
+    interrupt = trio.run(_until_signal, body)
+    if interrupt.signum is not None:
+        _fail("interrupted; the sample files were removed")
+        return 128 + interrupt.signum
+    return status
+
+
+# --------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "cp":
+            return _cp(args)
+        return _demo(args)
+    except UsageError as err:
+        _fail(str(err))
+        return EXIT_USAGE
+    except Exception as err:
+        if os.environ.get("BOXFILES_DEBUG"):
+            raise
+        _fail(f"internal error: {err!r}")
+        return EXIT_INTERNAL

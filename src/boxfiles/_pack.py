@@ -1,0 +1,187 @@
+"""Download, server side: pack a tree into a tar stream on the fly.
+
+Blocking; runs in a worker thread and hands ``chunk_size`` pieces to a trio
+memory channel as it goes, so the first chunk leaves before the tree has been
+read and a slow client stalls the packing rather than filling memory. Every
+file is opened from its directory's fd with O_NOFOLLOW, never by path.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from typing import final
+
+import trio
+
+from ._confine import DIR_FLAGS, Located, components, locate
+from ._errors import NotFound
+from ._paxtime import set_mtime_ns
+
+#: Bytes read from a file at a time.
+READ_SIZE = 1024 * 1024
+
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
+@final
+class Sink:
+    """A blocking writer, for a worker thread, that sends ``chunk_size``
+    pieces to a trio channel (waiting while the channel is full).
+
+    Sending goes through ``trio.from_thread.run``, so it inherits the host
+    task's cancellation: a cancelled download stops the thread at its next
+    send.
+    """
+
+    def __init__(self, channel: trio.MemorySendChannel[bytes], chunk_size: int) -> None:
+        self._channel = channel
+        self._chunk_size = chunk_size
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._chunk_size:
+            piece = bytes(self._buffer[: self._chunk_size])
+            del self._buffer[: self._chunk_size]
+            trio.from_thread.run(self._channel.send, piece)
+
+    def flush(self) -> None:
+        if self._buffer:
+            trio.from_thread.run(self._channel.send, bytes(self._buffer))
+            self._buffer.clear()
+
+
+@final
+@dataclass
+class PackPlan:
+    """What a download packs: ``source`` under the name ``arcname``."""
+
+    source: Located
+    arcname: str
+    source_is_dir: bool
+
+
+def plan(root_fd: int, src_path: str, *, include_parent: bool, follow_symlinks: bool) -> PackPlan:
+    """Resolve ``src_path`` inside the root (see :func:`boxfiles._confine.locate`).
+
+    A trailing ``/.`` packs a directory's contents at ``./``; so does a
+    directory with ``include_parent`` false. ``follow_symlinks`` applies to
+    the source itself (as ``docker cp -L``); links inside a directory are
+    packed as links.
+
+    Raises:
+        NotFound: the source does not exist, or ``/.`` follows a non-directory.
+    """
+    contents = src_path.endswith("/.")
+    path = src_path[:-2] if contents else src_path
+    parts = components(path)
+    try:
+        source = locate(root_fd, path, follow=follow_symlinks or contents or path.endswith("/"))
+    except NotFound as err:
+        raise NotFound(f"source path does not exist: {src_path} ({err.message})") from err
+    try:
+        st = source.lstat()
+        if st is None:
+            raise NotFound(f"source path does not exist: {src_path}")
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if contents and not is_dir:
+            raise NotFound(f"not a directory: {path}")
+    except BaseException:
+        source.close()
+        raise
+    if is_dir and (contents or not include_parent):
+        arcname = "."
+    else:
+        arcname = parts[-1] if parts and parts[-1] != ".." else "."
+    return PackPlan(source, arcname, is_dir)
+
+
+@final
+class _Packer:
+    def __init__(self, sink: Sink, root: os.stat_result, skip_prefix: str) -> None:
+        self._sink = sink
+        self._root = (root.st_dev, root.st_ino)
+        self._skip_prefix = skip_prefix
+        self._links: dict[tuple[int, int], str] = {}
+
+    def _header(self, info: tarfile.TarInfo) -> None:
+        # PAX headers carry long and non-ASCII names; surrogateescape keeps
+        # names that are not UTF-8 byte for byte.
+        self._sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def entry(self, dir_fd: int, name: str, arcname: str) -> None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if name else os.fstat(dir_fd)
+        info = tarfile.TarInfo(arcname)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        set_mtime_ns(info, st.st_mtime_ns)
+        if stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            self._header(info)
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd) if name else os.dup(dir_fd)
+            try:
+                at_root = (st.st_dev, st.st_ino) == self._root
+                for child in sorted(os.listdir(fd)):
+                    if at_root and child.startswith(self._skip_prefix):
+                        continue  # another upload's staging, not content
+                    self.entry(fd, child, f"{arcname}/{child}")
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(name, dir_fd=dir_fd)
+            self._header(info)
+        elif stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._links:
+                info.type = tarfile.LNKTYPE
+                info.linkname = self._links[key]
+                self._header(info)
+                return
+            self._file(dir_fd, name, info)
+            if st.st_nlink > 1:
+                self._links[key] = arcname
+        # Sockets, fifos and devices are not content an upload could recreate.
+
+    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
+        # O_NONBLOCK: if a fifo took the file's place since the stat, the open
+        # must not hang; the fstat below then skips it.
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            info.size = st.st_size
+            self._header(info)
+            left = st.st_size
+            while left:
+                data = os.read(fd, min(left, READ_SIZE))
+                if not data:  # shrank while being read: keep the header's promise
+                    data = bytes(min(left, READ_SIZE))
+                self._sink.write(data)
+                left -= len(data)
+            if st.st_size % tarfile.BLOCKSIZE:
+                self._sink.write(_ZEROS[st.st_size % tarfile.BLOCKSIZE :])
+        finally:
+            os.close(fd)
+
+
+def pack(root_fd: int, plan: PackPlan, sink: Sink, *, skip_prefix: str) -> None:
+    """Write ``plan``'s source to ``sink`` as a tar archive (PAX format).
+
+    Entries named ``skip_prefix...`` directly under the root (upload staging)
+    are left out.
+
+    Raises:
+        OSError: reading the tree failed.
+        trio.Cancelled, trio.BrokenResourceError: from the sink.
+    """
+    packer = _Packer(sink, os.fstat(root_fd), skip_prefix)
+    packer.entry(plan.source.dir_fd, plan.source.name, plan.arcname)
+    sink.write(_ZEROS * 2)
+    sink.flush()

@@ -1,0 +1,79 @@
+"""pytest fixtures, registered through the ``pytest11`` entry point.
+
+They need pytest-trio: use them from ``@pytest.mark.trio`` tests (or with
+``trio_mode = true``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import final
+
+import pytest
+import trio
+
+from .._client import FilesClient, open_client
+from .._server import serve_files
+from ._faults import FaultServer, open_fault_server
+
+
+@final
+@dataclass(frozen=True)
+class FilesServer:
+    """A running reference server.
+
+    Attributes:
+        target: the address to pass to :func:`boxfiles.open_client`.
+        root: the container root it serves.
+    """
+
+    target: str
+    root: Path
+
+
+@contextmanager
+def short_socket_dir() -> Iterator[Path]:
+    """A fresh directory with a short path, for unix sockets (whose paths are
+    limited to 107 bytes, which pytest's tmp_path can exceed); removed on exit."""
+    path = Path(tempfile.mkdtemp(prefix="boxfiles-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def files_server(tmp_path: Path) -> AsyncIterator[FilesServer]:
+    """The reference server on a temporary unix socket, serving an empty
+    ``tmp_path / "box"``; stopped (and its socket removed) after the test."""
+    root = tmp_path / "box"
+    root.mkdir()
+    with short_socket_dir() as sock_dir:
+        async with trio.open_nursery() as nursery:
+            target: str = await nursery.start(serve_files, root, f"unix:{sock_dir}/files.sock")
+            yield FilesServer(target, root)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def files_client(files_server: FilesServer) -> AsyncIterator[FilesClient]:
+    """A :class:`boxfiles.FilesClient` connected to ``files_server``."""
+    async with open_client(files_server.target) as client:
+        yield client
+
+
+@pytest.fixture
+async def fault_server(tmp_path: Path) -> AsyncIterator[FaultServer]:
+    """A :class:`boxfiles.testing.FaultServer` serving an empty
+    ``tmp_path / "box"`` on a temporary unix socket; declare faults with
+    ``fail_next_upload`` / ``fail_next_download``."""
+    root = tmp_path / "box"
+    root.mkdir()
+    with short_socket_dir() as sock_dir:
+        async with open_fault_server(root, f"unix:{sock_dir}/faults.sock") as server:
+            yield server

@@ -1,0 +1,545 @@
+"""The reference server, row by row of SPEC's table, through a real client.
+
+Also holds the helpers the other test_server_* files share: a full listing of
+a tree (to prove a failure changed nothing), archive builders, and a server
+fixture with options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import boxfiles
+from boxfiles._bridge import open_channel
+from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
+from boxfiles._server import STAGING_PREFIX
+from boxfiles._supervise import one_error
+from boxfiles._target import UnixTarget
+from boxfiles._wire import DOWNLOAD, UPLOAD
+
+MiB = 1024 * 1024
+
+Entry = tuple[str, str | int | None, str | None]
+
+
+def listing(top: Path) -> dict[str, Entry]:
+    """Every entry under ``top`` (``top`` included): type, mode, and the
+    content's sha256 / the link's target / nothing for a directory."""
+    found: dict[str, Entry] = {}
+
+    def visit(path: Path, rel: str) -> None:
+        st = path.lstat()
+        mode = oct(stat.S_IMODE(st.st_mode))
+        if stat.S_ISLNK(st.st_mode):
+            found[rel] = ("link", mode, os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            found[rel] = ("dir", mode, None)
+            for child in sorted(os.listdir(path)):
+                visit(path / child, f"{rel}/{child}")
+        elif stat.S_ISREG(st.st_mode):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[rel] = ("file", st.st_size, f"{mode} {digest}")
+        else:
+            found[rel] = ("other", mode, None)
+
+    visit(top, ".")
+    return found
+
+
+def no_staging(root: Path) -> bool:
+    return not [name for name in os.listdir(root) if name.startswith(STAGING_PREFIX)]
+
+
+def member(
+    name: str,
+    data: bytes = b"",
+    *,
+    type: bytes = tarfile.REGTYPE,
+    linkname: str = "",
+    mode: int = 0o644,
+    mtime: int = 1_600_000_000,
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = type
+    info.linkname = linkname
+    info.mode = mode
+    info.mtime = mtime
+    info.size = len(data) if type == tarfile.REGTYPE else 0
+    return info, data
+
+
+def archive(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out.getvalue()
+
+
+def files(**contents: bytes) -> bytes:
+    return archive(*(member(name, data) for name, data in contents.items()))
+
+
+class Bytes:
+    """An async reader over ``data``."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    async def read(self, max_bytes: int) -> bytes:
+        piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
+        await trio.lowlevel.checkpoint()
+        return bytes(piece)
+
+
+@asynccontextmanager
+async def serving(
+    root: Path | Mapping[str, Path], sock_dir: Path, **options: object
+) -> AsyncIterator[str]:
+    with one_error():  # so a test's pytest.raises sees the error itself
+        async with trio.open_nursery() as nursery:
+            target: str = await nursery.start(
+                lambda task_status: boxfiles.serve_files(
+                    root,
+                    f"unix:{sock_dir}/s.sock",
+                    task_status=task_status,
+                    **options,  # type: ignore[arg-type]
+                )
+            )
+            yield target
+            nursery.cancel_scope.cancel()
+
+
+async def upload(target: str, data: bytes, dest: str, **options: object) -> None:
+    async with boxfiles.open_client(target) as client:
+        await client.upload_tar(Bytes(data), dest, **options)  # type: ignore[arg-type]
+
+
+async def download(target: str, src: str, **options: object) -> tuple[bytes | None, bool | None]:
+    """The archive and source_is_dir; the archive is None when nothing arrived."""
+    sink = io.BytesIO()
+
+    class Writer:
+        async def write(self, data: bytes) -> None:
+            sink.write(data)
+
+    async with boxfiles.open_client(target) as client:
+        is_dir = await client.download_tar(src, Writer(), **options)  # type: ignore[arg-type]
+    return sink.getvalue(), is_dir
+
+
+def names(data: bytes | None) -> list[str]:
+    assert data is not None
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getnames()
+
+
+def contents(data: bytes | None) -> dict[str, bytes]:
+    assert data is not None
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar.getmembers():
+            if info.isfile():
+                extracted = tar.extractfile(info)
+                assert extracted is not None
+                found[info.name] = extracted.read()
+    return found
+
+
+async def expect_unchanged(
+    root: Path,
+    error: type[boxfiles.FilesError],
+    match: str,
+    target: str,
+    data: bytes,
+    dest: str,
+    **options: object,
+) -> boxfiles.FilesError:
+    """Upload, expect ``error`` whose message matches, and no change under root."""
+    before = listing(root)
+    with pytest.raises(error, match=match) as info:
+        await upload(target, data, dest, **options)
+    assert listing(root) == before
+    assert no_staging(root)
+    return info.value
+
+
+@pytest.fixture
+def tree(root: Path) -> Path:
+    """A small existing tree in the root, so 'unchanged' means something."""
+    (root / "etc").mkdir()
+    (root / "etc" / "conf").write_text("original")
+    (root / "data").mkdir()
+    (root / "data" / "keep").write_bytes(b"k" * 100)
+    return root
+
+
+# -- rows ---------------------------------------------------------------------
+
+
+async def raw_upload(target: str, *chunks: UploadChunk) -> None:
+    async with open_channel(UnixTarget(target.removeprefix("unix:"))) as channel:
+        async with channel.open_call(UPLOAD) as call:
+            for chunk in chunks:
+                await call.send(chunk)
+            await call.end()
+            await call.recv()
+            await call.finish()
+
+
+async def test_empty_stream(server: str, tree: Path) -> None:
+    before = listing(tree)
+    with pytest.raises(boxfiles.InvalidArgument, match="empty upload stream"):
+        await raw_upload(server)
+    assert listing(tree) == before
+
+
+async def test_missing_dest_path(server: str, tree: Path) -> None:
+    before = listing(tree)
+    with pytest.raises(boxfiles.InvalidArgument, match="dest_path is required in first chunk"):
+        await raw_upload(server, UploadChunk(data=files(a=b"x"), mkdir_parents=True))
+    assert listing(tree) == before
+
+
+@pytest.mark.parametrize("dest", ["/data/../etc/x", "../x", "/a/.."])
+async def test_dotdot_in_dest_path(server: str, tree: Path, dest: str) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.InvalidArgument,
+        f"path must not contain ..: {dest}",
+        server,
+        files(a=b"x"),
+        dest,
+    )
+
+
+@pytest.mark.parametrize("src", ["/data/../etc", "..", "/data/.."])
+async def test_dotdot_in_src_path(server: str, tree: Path, src: str) -> None:
+    with pytest.raises(boxfiles.InvalidArgument, match=f"path must not contain ..: {src}"):
+        await download(server, src)
+
+
+async def test_empty_src_path(server: str) -> None:
+    async with open_channel(UnixTarget(server.removeprefix("unix:"))) as channel:
+        async with channel.open_call(DOWNLOAD) as call:
+            await call.send(DownloadRequest(src_path=""), end=True)
+            with pytest.raises(boxfiles.InvalidArgument, match="src_path is required"):
+                await call.recv()
+
+
+async def test_unknown_container(server: str, tree: Path) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.FailedPrecondition,
+        "^FAILED_PRECONDITION: container not found: nope$",
+        server,
+        files(a=b"x"),
+        "/a",
+        container_id="nope",
+    )
+    with pytest.raises(boxfiles.FailedPrecondition, match="container not found: nope"):
+        await download(server, "/etc", container_id="nope")
+
+
+@pytest.mark.parametrize("src", ["/missing", "/etc/missing", "/missing/deeper", "/etc/conf/."])
+async def test_missing_download_source(server: str, tree: Path, src: str) -> None:
+    with pytest.raises(boxfiles.NotFound, match=src.removesuffix("/.")):
+        await download(server, src)
+
+
+@pytest.mark.parametrize(
+    ("data", "dest", "missing"),
+    [
+        pytest.param(files(f=b"x"), "/nope/f", "/nope", id="file"),
+        pytest.param(files(**{"d/f": b"x"}), "/nope/deeper/d", "/nope", id="dir"),
+        pytest.param(files(f=b"x"), "/etc/nope/deeper/", "/etc/nope", id="trailing-slash"),
+    ],
+)
+async def test_parent_missing_without_mkdir_parents(
+    server: str, tree: Path, data: bytes, dest: str, missing: str
+) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.NotFound,
+        f"no such directory: {missing}$",
+        server,
+        data,
+        dest,
+        mkdir_parents=False,
+    )
+
+
+async def test_mkdir_parents_creates_them(server: str, tree: Path) -> None:
+    await upload(server, files(f=b"x"), "/new/deeper/f", mkdir_parents=True)
+    assert (tree / "new" / "deeper" / "f").read_bytes() == b"x"
+    await upload(server, files(g=b"y"), "/etc/sub", mkdir_parents=False, source_is_dir=True)
+    assert (tree / "etc" / "sub" / "g").read_bytes() == b"y"
+
+
+@pytest.mark.parametrize(
+    ("data", "dest", "existing"),
+    [
+        pytest.param(files(conf=b"new"), "/etc/conf", "/etc/conf", id="file-onto-file"),
+        pytest.param(files(conf=b"new"), "/etc", "/etc/conf", id="file-into-dir"),
+        # The merge moves a/ first, then meets data/keep: all of it is undone.
+        pytest.param(
+            files(**{"a/x": b"1", "keep": b"2", "z": b"3"}), "/data", "/data/keep", id="dir-merge"
+        ),
+        pytest.param(files(**{"d/x": b"1"}), "/etc/conf", "/etc/conf", id="dir-onto-file"),
+    ],
+)
+async def test_exists_without_overwrite(
+    server: str, tree: Path, data: bytes, dest: str, existing: str
+) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.AlreadyExists,
+        f"already exists: {existing}$",
+        server,
+        data,
+        dest,
+        overwrite=False,
+    )
+
+
+async def test_overwrite_replaces(server: str, tree: Path) -> None:
+    await upload(server, files(conf=b"new"), "/etc/conf", overwrite=True)
+    assert (tree / "etc" / "conf").read_text() == "new"
+    await upload(server, files(**{"keep": b"2", "z": b"3"}), "/data", overwrite=True)
+    assert (tree / "data" / "keep").read_bytes() == b"2"
+    assert (tree / "data" / "z").read_bytes() == b"3"
+
+
+async def test_directory_is_not_replaced_by_a_file(server: str, tree: Path) -> None:
+    (tree / "data" / "keep").unlink()
+    (tree / "data" / "keep").mkdir()
+    await expect_unchanged(
+        tree,
+        boxfiles.FailedPrecondition,
+        "cannot replace the directory /data/keep",
+        server,
+        files(keep=b"1"),
+        "/data",
+        source_is_dir=True,
+    )
+
+
+HOSTILE = [
+    pytest.param(archive(member("../x", b"x")), "../x", id="dotdot"),
+    pytest.param(archive(member("/abs", b"x")), "/abs", id="absolute"),
+    pytest.param(archive(member("a/../../x", b"x")), "a/../../x", id="dotdot-inside"),
+    pytest.param(
+        archive(member("ok", b"fine"), member("a/../b", b"x")), "a/../b", id="late-dotdot"
+    ),
+    pytest.param(
+        archive(member("evil", type=tarfile.SYMTYPE, linkname="/"), member("evil/pwned", b"x")),
+        "evil/pwned",
+        id="through-absolute-symlink",
+    ),
+    pytest.param(
+        archive(
+            member("evil", type=tarfile.SYMTYPE, linkname="../../.."), member("evil/pwned", b"x")
+        ),
+        "evil/pwned",
+        id="through-relative-symlink",
+    ),
+    pytest.param(
+        archive(member("passwd", type=tarfile.LNKTYPE, linkname="/etc/passwd")),
+        "/etc/passwd",
+        id="hardlink-absolute",
+    ),
+    pytest.param(
+        archive(member("x", type=tarfile.LNKTYPE, linkname="../../outside")),
+        "../../outside",
+        id="hardlink-dotdot",
+    ),
+    pytest.param(
+        # /etc/conf exists in the root, but not in the archive: a hard link
+        # may only join entries of the same archive.
+        archive(member("x", type=tarfile.LNKTYPE, linkname="etc/conf")),
+        "etc/conf, which is not in the archive",
+        id="hardlink-to-existing-tree",
+    ),
+    pytest.param(
+        archive(
+            member("evil", type=tarfile.SYMTYPE, linkname="/etc"),
+            member("x", type=tarfile.LNKTYPE, linkname="evil/conf"),
+        ),
+        "symlink evil",
+        id="hardlink-through-symlink",
+    ),
+    pytest.param(archive(member("null", type=tarfile.CHRTYPE)), "null: device", id="char-device"),
+    pytest.param(archive(member("sda", type=tarfile.BLKTYPE)), "sda: device", id="block-device"),
+    pytest.param(archive(member("pipe", type=tarfile.FIFOTYPE)), "pipe: device", id="fifo"),
+]
+
+
+@pytest.mark.parametrize(("data", "named"), HOSTILE)
+async def test_hostile_archive_is_refused(
+    server: str, tree: Path, tmp_path: Path, data: bytes, named: str
+) -> None:
+    outside = listing(tmp_path)
+    await expect_unchanged(
+        tree, boxfiles.InvalidArgument, f"^INVALID_ARGUMENT: .*{named}", server, data, "/data"
+    )
+    assert listing(tmp_path) == outside  # nothing appeared next to the root either
+
+
+def truncated() -> bytes:
+    whole = files(big=os.urandom(100_000))
+    return whole[:50_000]
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        pytest.param(truncated(), "entry big", id="truncated-in-data"),
+        pytest.param(
+            files(a=b"x" * 600, b=b"y")[:1536], "end-of-archive", id="truncated-at-header"
+        ),
+        pytest.param(files(a=b"x")[:1024], "no end-of-archive block after", id="no-end-block"),
+        pytest.param(b"\x07" * 3000, "not a tar archive", id="garbage"),
+        pytest.param(files(a=b"x")[:700], "after a", id="partial-data"),
+        pytest.param(files(a=b"x")[:300], "not a tar archive", id="partial-header"),
+        pytest.param(b"", "not a tar archive", id="empty"),
+    ],
+)
+async def test_truncated_or_corrupt_archive(
+    server: str, tree: Path, data: bytes, named: str
+) -> None:
+    await expect_unchanged(tree, boxfiles.InvalidArgument, named, server, data, "/data/new")
+
+
+async def test_upload_over_the_cap(root: Path, sock_dir: Path) -> None:
+    (root / "keep").write_text("k")
+    async with serving(root, sock_dir, max_upload_bytes=64 * 1024) as target:
+        await expect_unchanged(
+            root,
+            boxfiles.ResourceExhausted,
+            "exceeds the limit of 65536 bytes",
+            target,
+            files(big=os.urandom(200_000)),
+            "/big",
+        )
+        await upload(target, files(small=b"s" * 1000), "/small")  # under it: fine
+    assert (root / "small").read_bytes() == b"s" * 1000
+
+
+class Stalling:
+    """``data``, then blocks until cancelled."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def read(self, max_bytes: int) -> bytes:
+        if self._data:
+            piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
+            return piece
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def wait_for_no_staging(root: Path) -> None:
+    with trio.fail_after(5):
+        while not no_staging(root):
+            await trio.sleep(0.01)
+
+
+async def test_cancelled_upload_leaves_nothing(server: str, tree: Path) -> None:
+    before = listing(tree)
+    data = files(a=b"a" * 300_000, b=b"b" * 300_000)
+    async with boxfiles.open_client(server) as client:
+        with trio.move_on_after(0.5) as scope:
+            # All but the end-of-archive blocks: "a" is staged, "b" is not.
+            await client.upload_tar(Stalling(data[:-2048]), "/data", chunk_size=65536)
+        assert scope.cancelled_caught
+        await wait_for_no_staging(tree)
+    assert listing(tree) == before
+
+
+async def test_connection_dropped_mid_upload_leaves_nothing(root: Path, sock_dir: Path) -> None:
+    (root / "keep").write_text("k")
+    before = listing(root)
+    async with serving(root, sock_dir) as target:
+        with trio.move_on_after(0.5):
+            # The whole client, connection included, goes away mid-stream.
+            async with boxfiles.open_client(target) as client:
+                await client.upload_tar(Stalling(files(a=b"a" * 500_000)[:-2048]), "/x")
+        await wait_for_no_staging(root)
+        assert listing(root) == before
+        await upload(target, files(a=b"fine"), "/a")  # the server is still well
+    assert (root / "a").read_bytes() == b"fine"
+
+
+async def test_success(server: str, tree: Path) -> None:
+    await upload(server, files(**{"x/y": b"1", "z": b"2"}), "/data/new")
+    assert (tree / "data" / "new" / "x" / "y").read_bytes() == b"1"
+    assert (tree / "data" / "new" / "z").read_bytes() == b"2"
+    assert (tree / "data" / "keep").exists()
+    assert no_staging(tree)
+
+
+async def test_staging_is_never_downloaded(server: str, root: Path) -> None:
+    (root / f"{STAGING_PREFIX}leftover").mkdir()
+    (root / "f").write_text("f")
+    data, is_dir = await download(server, "/", include_parent=False)
+    assert is_dir is True
+    assert names(data) == [".", "./f"]
+
+
+async def test_client_deadline_leaves_nothing(server: str, tree: Path) -> None:
+    before = listing(tree)
+    async with boxfiles.open_client(server, timeout=0.5) as client:
+        with pytest.raises(boxfiles.DeadlineExceeded):
+            await client.upload_tar(Stalling(files(a=b"a" * 100_000)[:-2048]), "/data")
+    await wait_for_no_staging(tree)
+    assert listing(tree) == before
+
+
+@pytest.mark.parametrize(
+    "path", [f"/{STAGING_PREFIX}x/tree", f"{STAGING_PREFIX}1", f"//{STAGING_PREFIX}"]
+)
+async def test_staging_names_are_reserved(server: str, tree: Path, path: str) -> None:
+    await expect_unchanged(
+        tree, boxfiles.InvalidArgument, "reserved for upload staging", server, files(a=b"x"), path
+    )
+    with pytest.raises(boxfiles.InvalidArgument, match="reserved for upload staging"):
+        await download(server, path)
+
+
+async def test_absurd_mtime_is_invalid_argument(server: str, tree: Path) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.InvalidArgument,
+        "entry when",
+        server,
+        archive(member("when", b"x", mtime=10**30)),
+        "/data/when",
+    )
+
+
+async def test_replacements_are_undone_when_a_later_step_fails(server: str, tree: Path) -> None:
+    (tree / "data" / "a").write_text("old")
+    (tree / "data" / "z").mkdir()
+    # "a" is replaced first (sorted order); then "z" cannot be: all undone.
+    await expect_unchanged(
+        tree,
+        boxfiles.FailedPrecondition,
+        "cannot replace the directory /data/z",
+        server,
+        files(a=b"new", z=b"file"),
+        "/data",
+        overwrite=True,
+        source_is_dir=True,
+    )
+    assert (tree / "data" / "a").read_text() == "old"
