@@ -164,6 +164,11 @@ class ClientCall(Generic[SendT, RecvT]):
     async def send(self, message: SendT, *, end: bool = False) -> None:
         await self._call(self._stream.send_message(message, end=end))
 
+    async def send_encoded(self, message: bytes | memoryview) -> None:
+        """Send one message already encoded for the wire (5-byte gRPC prefix
+        included); its bytes go to h2 without further copies."""
+        await self._call(_send_encoded(self._stream, message))
+
     async def end(self) -> None:
         await self._call(self._stream.end())
 
@@ -171,9 +176,57 @@ class ClientCall(Generic[SendT, RecvT]):
         """The next message, or None once the peer ended its side cleanly."""
         return await self._call(self._stream.recv_message())
 
+    async def recv_encoded(self) -> bytes | None:
+        """The next message's encoded bytes (for the caller to decode without
+        copying its payload), or None once the peer ended its side cleanly."""
+        return await self._call(_recv_encoded(self._stream))
+
     async def finish(self) -> None:
         """Wait for the peer's status; raise its RemoteError unless OK."""
         await self._call(self._stream.recv_trailing_metadata())
+
+
+async def _send_encoded(
+    stream: grpclib.client.Stream[Any, Any], message: bytes | memoryview
+) -> None:
+    # grpclib's own send path copies every message three more times (protobuf
+    # serialisation, prefix concatenation, a BytesIO read per frame) before
+    # h2 copies it again; this is its loop with memoryview slices instead.
+    with stream._wrapper:
+        h2_stream = stream._stream
+        connection = h2_stream.connection
+        h2_connection = h2_stream._h2_connection
+        stream_id = h2_stream.id
+        assert stream_id is not None  # the request was sent when the call opened
+        view = memoryview(message)
+        while view:
+            await connection.write_ready.wait()
+            window = h2_connection.local_flow_control_window(stream_id)
+            if window <= 0:
+                h2_stream.window_updated.clear()
+                await h2_stream.window_updated.wait()
+                continue  # other streams may have used the window meanwhile
+            size = min(window, h2_connection.max_outbound_frame_size, len(view))
+            h2_connection.send_data(stream_id, view[:size])
+            h2_stream._transport.write(h2_connection.data_to_send())
+            h2_stream.data_sent += size
+            connection.data_sent += size
+            connection.data_send_process()
+            view = view[size:]
+
+
+async def _recv_encoded(stream: grpclib.client.Stream[Any, Any]) -> bytes | None:
+    # grpclib's recv_message without the decode: protobuf would copy the
+    # payload into the message, and reading the field copies it again.
+    if not stream._recv_initial_metadata_done:
+        await stream.recv_initial_metadata()
+    with stream._wrapper:
+        prefix = await stream._stream.recv_data(5)
+        if not prefix:
+            return None
+        if prefix[0]:
+            raise grpclib.exceptions.ProtocolError("compressed messages are not supported")
+        return await stream._stream.recv_data(int.from_bytes(prefix[1:5], "big"))
 
 
 @final

@@ -37,9 +37,12 @@ from ._wire import (
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD,
     UPLOAD,
+    Chunk,
     check_chunk_size,
     check_container_id,
     check_path,
+    decode_download_chunk,
+    encode_metadata_only,
     first_upload_chunk,
 )
 
@@ -327,12 +330,12 @@ class FilesClient:
 async def _upload(
     call: ClientCall[UploadChunk, UploadResponse], reader: ChunkReader, first: UploadChunk
 ) -> UploadResponse:
-    send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+    send_chunks, receive_chunks = trio.open_memory_channel[Chunk](CHANNEL_CAPACITY)
     all_sent = trio.Event()
     response: UploadResponse | None = None
 
     async def read() -> None:
-        while chunk := await reader.read_chunk():
+        while (chunk := await reader.read_chunk()).size:
             try:
                 await send_chunks.send(chunk)
             except trio.BrokenResourceError:
@@ -346,16 +349,13 @@ async def _upload(
         pending: UploadChunk | None = first
         async with receive_chunks:
             async for chunk in receive_chunks:
-                if pending is not None:
-                    pending.data = chunk
-                    await call.send(pending)
-                    pending = None
-                else:
-                    await call.send(UploadChunk(data=chunk))
+                # The metadata rides on the first chunk only.
+                await call.send_encoded(chunk.framed(pending))
+                chunk.release()
+                pending = None
         if pending is not None:  # empty source: one chunk, metadata only
-            await call.send(pending, end=True)
-        else:
-            await call.end()
+            await call.send_encoded(encode_metadata_only(pending))
+        await call.end()
         all_sent.set()
 
     async def receive() -> None:
@@ -382,21 +382,24 @@ async def _download(
     request: DownloadRequest,
     writer: ChunkWriter,
 ) -> bool | None:
-    send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+    send_chunks, receive_chunks = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
     source_is_dir: bool | None = None
 
     async def receive() -> None:
         nonlocal source_is_dir
         await call.send(request, end=True)
         first = True
-        while (chunk := await call.recv()) is not None:
+        while (body := await call.recv_encoded()) is not None:
+            try:
+                data, flag = decode_download_chunk(body)
+            except ValueError as err:
+                raise IncompleteTransfer(f"malformed DownloadChunk from the server: {err}") from err
             if first:
                 first = False
-                if chunk.HasField("source_is_dir"):
-                    source_is_dir = chunk.source_is_dir
-            if chunk.data:
+                source_is_dir = flag
+            if data:
                 try:
-                    await send_chunks.send(chunk.data)
+                    await send_chunks.send(data)
                 except trio.BrokenResourceError:
                     return  # the writer failed; its error explains why
         await call.finish()

@@ -1,9 +1,9 @@
 """Local sources and destinations: files on this machine or caller objects.
 
-Blocking file calls run in trio worker threads. The buffer a chunk is read
-into is allocated once, in the trio thread, and reused: allocating each chunk
-in a worker and freeing it in the trio thread defeats glibc's allocator and
-turns every chunk into fresh page faults (SPEC, "Facts about real peers").
+Blocking file calls run in trio worker threads. The buffers chunks are read
+into are allocated in the trio thread and reused: allocating each chunk in a
+worker and freeing it in the trio thread defeats glibc's allocator and turns
+every chunk into fresh page faults (SPEC, "Facts about real peers").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Protocol, final, runtime_checkable
 import trio
 
 from ._errors import FilesError, LocalIOError
+from ._wire import CHANNEL_CAPACITY, HEADER_ROOM, Chunk
 
 
 @runtime_checkable
@@ -51,35 +52,64 @@ class ChunkReader:
         self._read = read
         self.chunk_size = chunk_size
 
-    async def read_chunk(self) -> bytes:
-        """The next chunk; ``b""`` at the end. Raises LocalIOError."""
+    async def read_chunk(self) -> Chunk:
+        """The next chunk; an empty one at the end. Raises LocalIOError."""
         return await self._read(self.chunk_size)
 
 
 class _ReadFn(Protocol):
-    async def __call__(self, max_bytes: int, /) -> bytes: ...
+    async def __call__(self, max_bytes: int, /) -> Chunk: ...
+
+
+#: Buffers a file source reads into and lends to the sender: one being read,
+#: CHANNEL_CAPACITY queued, one being sent, one spare.
+POOL_SIZE = CHANNEL_CAPACITY + 3
+
+
+@final
+class _BufferPool:
+    """Chunk buffers, made on demand up to POOL_SIZE and then reused.
+
+    Reuse is what keeps a large upload fast: every buffer is made and freed
+    in the trio thread, so the allocator never hands out fresh (page
+    faulting) memory per chunk, and the pool bounds the memory in flight.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self._size = HEADER_ROOM + chunk_size
+        self._free: list[bytearray] = []
+        self._slots = trio.Semaphore(POOL_SIZE)
+
+    async def take(self) -> bytearray:
+        await self._slots.acquire()
+        return self._free.pop() if self._free else bytearray(self._size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        self._free.append(buffer)
+        self._slots.release()
 
 
 def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
+    pool = _BufferPool(chunk_size)
 
-    def fill(max_bytes: int) -> int:
-        got = file.readinto(view[:max_bytes])
-        return 0 if got is None else got
-
-    async def read(max_bytes: int) -> bytes:
+    async def read(max_bytes: int) -> Chunk:
+        buffer = await pool.take()
+        view = memoryview(buffer)[HEADER_ROOM : HEADER_ROOM + max_bytes]
         try:
-            got = await trio.to_thread.run_sync(fill, max_bytes)
+            got = await trio.to_thread.run_sync(file.readinto, view)
         except OSError as err:
+            pool.give_back(buffer)
             raise LocalIOError(f"cannot read {name}: {_describe(err)}") from err
-        return bytes(view[:got])
+        except BaseException:
+            pool.give_back(buffer)
+            raise
+        return Chunk(buffer, got or 0, pool.give_back)
 
     return read
 
 
 def _object_read_fn(reader: AsyncReader) -> _ReadFn:
-    async def read(max_bytes: int) -> bytes:
+    async def read(max_bytes: int) -> Chunk:
         try:
             data = await reader.read(max_bytes)
         except FilesError:
@@ -90,7 +120,7 @@ def _object_read_fn(reader: AsyncReader) -> _ReadFn:
             raise TypeError(f"source.read() must return bytes, not {type(data).__name__}")
         if len(data) > max_bytes:
             raise ValueError(f"source.read({max_bytes}) returned {len(data)} bytes")
-        return bytes(data)
+        return Chunk.of(data)
 
     return read
 
@@ -138,13 +168,14 @@ class ChunkWriter:
 
 
 class _WriteFn(Protocol):
-    async def __call__(self, data: bytes, /) -> None: ...
+    async def __call__(self, data: bytes | memoryview, /) -> None: ...
 
 
 def _object_write_fn(writer: AsyncWriter) -> _WriteFn:
-    async def write(data: bytes) -> None:
+    async def write(data: bytes | memoryview) -> None:
         try:
-            await writer.write(data)
+            # The caller's writer is promised bytes, not a view into a buffer.
+            await writer.write(bytes(data))
         except FilesError:
             raise
         except Exception as err:  # the caller's writer failed: a local write error
@@ -154,12 +185,12 @@ def _object_write_fn(writer: AsyncWriter) -> _WriteFn:
 
 
 def _file_write_fn(fd: int, name: str) -> _WriteFn:
-    def write_all(data: bytes) -> None:
+    def write_all(data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
 
-    async def write(data: bytes) -> None:
+    async def write(data: bytes | memoryview) -> None:
         try:
             await trio.to_thread.run_sync(write_all, data)
         except OSError as err:

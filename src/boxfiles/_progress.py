@@ -9,6 +9,7 @@ from collections.abc import Callable
 import trio
 
 from ._local import ChunkReader, ChunkWriter, Source
+from ._wire import Chunk
 
 #: ``progress(bytes_so_far, total_or_None)``; its return value is ignored.
 Progress = Callable[[int, "int | None"], object]
@@ -71,10 +72,10 @@ async def metered_reader(
             total = None  # open_source already succeeded; the size is only a hint
     meter = Meter(progress, total)
 
-    async def read(max_bytes: int) -> bytes:
+    async def read(max_bytes: int) -> Chunk:
         chunk = await reader.read_chunk()
-        if chunk:
-            meter.add(len(chunk))
+        if chunk.size:
+            meter.add(chunk.size)
         else:
             meter.finish()
         return chunk
@@ -85,7 +86,7 @@ async def metered_reader(
 def metered_writer(writer: ChunkWriter, meter: Meter) -> ChunkWriter:
     """``writer``, counting each chunk written into ``meter``."""
 
-    async def write(data: bytes) -> None:
+    async def write(data: bytes | memoryview) -> None:
         await writer.write(data)
         meter.add(len(data))
 

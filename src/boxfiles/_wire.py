@@ -7,6 +7,9 @@ never spelled by hand).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import final
+
 from google.protobuf.message_factory import GetMessageClass
 
 from ._bridge import Method
@@ -99,3 +102,125 @@ def first_upload_chunk(
     if source_is_dir is not None:
         chunk.source_is_dir = bool(source_is_dir)
     return chunk
+
+
+#: Bytes kept free in front of a chunk's data for its headers: the 5-byte gRPC
+#: message prefix, the protobuf tag of ``data`` and its length (a varint of at
+#: most 4 bytes below MAX_CHUNK_SIZE).
+HEADER_ROOM = 16
+
+_DATA_TAG = 0x1A  # field 3 (data), wire type 2 (length-delimited)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@final
+class Chunk:
+    """One chunk of upload data, stored after HEADER_ROOM free bytes so that
+    it can be framed for the wire in place, without copying the data.
+
+    ``release`` hands the buffer back to whoever lent it, once sent.
+    """
+
+    __slots__ = ("_buffer", "_release", "size")
+
+    def __init__(
+        self, buffer: bytearray, size: int, release: Callable[[bytearray], None] | None = None
+    ) -> None:
+        self._buffer = buffer
+        self._release = release
+        self.size = size
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> Chunk:
+        buffer = bytearray(HEADER_ROOM + len(data))
+        buffer[HEADER_ROOM:] = data
+        return cls(buffer, len(data))
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self._buffer)[HEADER_ROOM : HEADER_ROOM + self.size]
+
+    def framed(self, first: UploadChunk | None = None) -> memoryview | bytes:
+        """The gRPC message for this chunk: ``first``'s metadata (when given)
+        and the data, as an encoded UploadChunk behind its 5-byte prefix."""
+        field = bytes([_DATA_TAG]) + _varint(self.size)
+        if first is not None:
+            # Protobuf allows fields in any order: metadata, then the data.
+            body = first.SerializeToString() + field
+            return b"".join((_prefix(len(body) + self.size), body, self.data))
+        header = _prefix(len(field) + self.size) + field
+        start = HEADER_ROOM - len(header)
+        self._buffer[start:HEADER_ROOM] = header
+        return memoryview(self._buffer)[start : HEADER_ROOM + self.size]
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release(self._buffer)
+            self._release = None
+
+
+def _prefix(length: int) -> bytes:
+    return b"\x00" + length.to_bytes(4, "big")  # uncompressed, then the length
+
+
+def encode_metadata_only(first: UploadChunk) -> bytes:
+    """The gRPC message for an upload with no data at all: one chunk."""
+    body = first.SerializeToString()
+    return _prefix(len(body)) + body
+
+
+def decode_download_chunk(body: bytes) -> tuple[memoryview, bool | None]:
+    """``(data, source_is_dir)`` of an encoded DownloadChunk, without copying
+    the data; ``source_is_dir`` is None when the field is absent.
+
+    Unknown fields are skipped, as protobuf requires.
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
+    view = memoryview(body)
+    data = view[:0]
+    source_is_dir: bool | None = None
+    pos = 0
+    while pos < len(view):
+        key, pos = _read_varint(view, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(view, pos)
+            if field == 2:
+                source_is_dir = value != 0
+        elif wire_type == 2:
+            length, pos = _read_varint(view, pos)
+            if pos + length > len(view):
+                raise ValueError("truncated length-delimited field")
+            if field == 1:
+                data = view[pos : pos + length]  # the last occurrence wins, as in protobuf
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    if pos != len(view):
+        raise ValueError("truncated fixed-width field")
+    return data, source_is_dir
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = view[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7

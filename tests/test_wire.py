@@ -1,0 +1,80 @@
+"""The hand-rolled framing agrees with protobuf, byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from boxfiles._proto.files_pb2 import DownloadChunk, UploadChunk
+from boxfiles._wire import Chunk, decode_download_chunk, encode_metadata_only, first_upload_chunk
+
+
+def unframe(frame: bytes | memoryview) -> UploadChunk:
+    frame = bytes(frame)
+    assert frame[0] == 0  # not compressed
+    assert int.from_bytes(frame[1:5], "big") == len(frame) - 5
+    return UploadChunk.FromString(frame[5:])
+
+
+@given(data=st.binary(max_size=5000), dest=st.text(min_size=1, max_size=300))
+def test_framed_chunks_decode_as_protobuf(data: bytes, dest: str) -> None:
+    first = first_upload_chunk(dest, "c", mkdir_parents=True, overwrite=False, source_is_dir=True)
+    with_meta = unframe(Chunk.of(data).framed(first))
+    assert (with_meta.dest_path, with_meta.container_id, with_meta.data) == (dest, "c", data)
+    assert with_meta.source_is_dir
+    assert (with_meta.mkdir_parents, with_meta.overwrite) == (True, False)
+    assert unframe(Chunk.of(data).framed()) == UploadChunk(data=data)
+
+
+def test_framing_reaches_varint_boundaries() -> None:
+    for size in (0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21):
+        assert unframe(Chunk.of(b"z" * size).framed()).data == b"z" * size
+
+
+def test_metadata_only_chunk() -> None:
+    first = first_upload_chunk("/d", "", mkdir_parents=False, overwrite=True, source_is_dir=None)
+    decoded = unframe(encode_metadata_only(first))
+    assert decoded == first
+    assert not decoded.HasField("source_is_dir")
+
+
+def test_release_returns_the_buffer_once() -> None:
+    returned: list[bytearray] = []
+    buffer = bytearray(32)
+    chunk = Chunk(buffer, 4, returned.append)
+    chunk.release()
+    chunk.release()
+    assert returned == [buffer]
+
+
+@given(data=st.binary(max_size=3000), flag=st.sampled_from([None, True, False]))
+def test_download_chunks_decode_like_protobuf(data: bytes, flag: bool | None) -> None:
+    message = DownloadChunk(data=data)
+    if flag is not None:
+        message.source_is_dir = flag
+    got, got_flag = decode_download_chunk(message.SerializeToString())
+    assert (bytes(got), got_flag) == (data, flag)
+
+
+def test_unknown_fields_are_skipped() -> None:
+    body = (
+        DownloadChunk(data=b"abc", source_is_dir=True).SerializeToString()
+        + b"\x18\x96\x01"  # field 3, varint
+        + b"\x22\x02hi"  # field 4, bytes
+        + b"\x2d\x00\x00\x00\x00"  # field 5, fixed32
+        + b"\x31"
+        + b"\x00" * 8  # field 6, fixed64
+    )
+    data, flag = decode_download_chunk(body)
+    assert (bytes(data), flag) == (b"abc", True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x0a\x05abc", b"\x0a", b"\x10", b"\x0b", b"\x2d\x00", b"\x80" * 11],
+    ids=["short-bytes", "no-length", "no-varint", "group", "short-fixed32", "long-varint"],
+)
+def test_malformed_download_chunks_are_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- each case has its own reason
+        decode_download_chunk(body)
