@@ -285,6 +285,15 @@ class _ChannelReader:
         return piece
 
 
+def _local_path(value: object, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path, not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what} must be a non-empty str path")
+    return text
+
+
 async def copy_in(
     client: FilesClient,
     src: str | os.PathLike[str],
@@ -300,11 +309,7 @@ async def copy_in(
     check_path(dest_path, "dest_path")
     check_container_id(container_id)
     check_progress(progress)
-    if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"src must be a path, not {type(src).__name__}")
-    src_text = os.fspath(src)
-    if not src_text:
-        raise ValueError("src must not be empty")
+    src_text = _local_path(src, "src")
     try:
         plan = await trio.to_thread.run_sync(_plan, src_text, follow_symlinks)
         total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
@@ -633,11 +638,7 @@ async def copy_out(
     check_path(src_path, "src_path")
     check_container_id(container_id)
     check_progress(progress)
-    if not isinstance(dest, (str, os.PathLike)):
-        raise TypeError(f"dest must be a path, not {type(dest).__name__}")
-    dest_text = os.fspath(dest)
-    if not dest_text:
-        raise ValueError("dest must not be empty")
+    dest_text = _local_path(dest, "dest")
     # The box's root has no name to land by: it always means its contents.
     contents = src_path.endswith("/.") or src_path.strip("/") in ("", ".")
 

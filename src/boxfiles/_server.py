@@ -110,10 +110,16 @@ class _Transfer:
             outcome,
         )
 
-    def ok(self) -> None:
-        self._log(logging.INFO, "ok")
+    def __enter__(self) -> _Transfer:
+        return self
 
-    def failed(self, exc: BaseException) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self._log(logging.INFO, "ok")
+        else:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, RemoteError):
             outcome = f"{exc.status.name}: {exc.message}"
         elif isinstance(exc, trio.Cancelled):
@@ -260,13 +266,8 @@ class FilesService:
         nothing is placed, unless placement had already started, in which
         case it completes as a whole first.
         """
-        transfer = _Transfer("upload")
-        try:
+        with _Transfer("upload") as transfer:
             await self._upload(call, transfer)
-        except BaseException as exc:
-            transfer.failed(exc)
-            raise
-        transfer.ok()
 
     async def _upload(
         self, call: ServerCall[UploadChunk, UploadResponse], transfer: _Transfer
@@ -363,13 +364,8 @@ class FilesService:
         A client reset or its deadline cancels this handler, which stops the
         packing thread at its next chunk.
         """
-        transfer = _Transfer("download")
-        try:
+        with _Transfer("download") as transfer:
             await self._download(call, transfer)
-        except BaseException as exc:
-            transfer.failed(exc)
-            raise
-        transfer.ok()
 
     async def _download(
         self, call: ServerCall[DownloadRequest, DownloadChunk], transfer: _Transfer
