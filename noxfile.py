@@ -28,6 +28,16 @@ def soak(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The performance benchmark (not a test): ``nox -s bench -- --size 256M``.
+
+    See ``python tests/bench/run.py --help``; results go to bench-results/.
+    """
+    session.install(".[test]", "matplotlib")
+    session.run("python", "tests/bench/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "src", "tests", "noxfile.py", "protos")

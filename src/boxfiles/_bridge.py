@@ -22,15 +22,15 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, final
 
 import grpclib.client
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
 import h2.exceptions
+import hyperframe.frame
 import trio
-import trio_asyncio
 from google.protobuf.message import Message
 from grpclib.protocol import H2Protocol
 
@@ -46,6 +46,12 @@ from ._errors import (
 from ._supervise import one_error
 from ._target import Target, UnixTarget
 
+if TYPE_CHECKING:
+    # Imported where first needed at run time: importing trio_asyncio
+    # replaces asyncio's event loop policy for the whole process, which a
+    # program that merely imports boxfiles should not pay for.
+    import trio_asyncio
+
 log = logging.getLogger("boxfiles")
 
 SendT = TypeVar("SendT", bound=Message)
@@ -53,6 +59,23 @@ RecvT = TypeVar("RecvT", bound=Message)
 RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
 SendT_contra = TypeVar("SendT_contra", bound=Message, contravariant=True)
 T = TypeVar("T")
+
+#: Largest DATA frame handed to h2. Its serialisation copies a frame several
+#: times; kept under glibc's mmap threshold (128 KiB), those copies reuse heap
+#: memory instead of faulting in fresh pages for every frame, which more than
+#: halves the CPU an upload costs when the peer allows 1 MiB frames.
+SEND_FRAME_LIMIT = 64 * 1024
+
+
+def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# h2 logs repr(frame) for every frame it receives, at trace level but built
+# eagerly, and a DATA frame's repr copies and hex-encodes its whole payload:
+# a quarter of a download's CPU. Only that debug text changes.
+if "_body_repr" not in hyperframe.frame.DataFrame.__dict__:
+    hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign, assignment]
 
 #: How long a shielded clean-up (stream reset, channel close) may take before
 #: it is abandoned; these never wait on the peer, so this is only a backstop.
@@ -82,6 +105,8 @@ _CARDINALITY = {c.value: c for c in grpclib.const.Cardinality}
 async def _asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
     # Reuse a trio-asyncio loop the caller already runs; otherwise open one
     # that lives exactly as long as this context.
+    import trio_asyncio
+
     loop = trio_asyncio.current_loop.get()
     if loop is not None:
         yield loop
@@ -206,7 +231,7 @@ async def _send_encoded(
                 h2_stream.window_updated.clear()
                 await h2_stream.window_updated.wait()
                 continue  # other streams may have used the window meanwhile
-            size = min(window, h2_connection.max_outbound_frame_size, len(view))
+            size = min(window, h2_connection.max_outbound_frame_size, len(view), SEND_FRAME_LIMIT)
             h2_connection.send_data(stream_id, view[:size])
             h2_stream._transport.write(h2_connection.data_to_send())
             h2_stream.data_sent += size
@@ -268,14 +293,22 @@ class Channel:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
                 try:
-                    await self._loop.run_aio_coroutine(
-                        stream.__aexit__(type(exc), exc, exc.__traceback__)
-                    )
+                    await self._loop.run_aio_coroutine(_reset(stream, exc))
                 except Exception as cleanup:  # already failing: keep the first error
                     log.debug("reset after %r failed: %r", exc, cleanup)
             raise
         else:
             await _run(self._loop, stream.__aexit__(None, None, None), self._where)
+
+
+async def _reset(stream: grpclib.client.Stream[Any, Any], exc: BaseException) -> None:
+    # grpclib's own exit resets with reset_nowait(), which leaves RST_STREAM
+    # in h2's buffer while the socket is backed up (mid-upload, typically):
+    # the peer would hear of it only when something else is written. Wait
+    # for the socket to take it instead.
+    if stream._send_request_done and stream._stream.closable:
+        await stream._stream.reset()
+    await stream.__aexit__(type(exc), exc, exc.__traceback__)
 
 
 async def _new_channel(target: Target) -> grpclib.client.Channel:

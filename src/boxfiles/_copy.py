@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import io
 import os
 import pwd
 import secrets
@@ -502,22 +503,29 @@ def _extract_one(
         kinds[rel] = "file"
 
 
+#: Bytes copied per step from the archive into a file being extracted: one
+#: reused buffer under glibc's mmap threshold, where reading whole chunks
+#: made a fresh, page-faulting mapping for every one.
+WRITE_PIECE = 64 * 1024
+
+
 def _write_file(
     tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: int, mtime: int
 ) -> None:
     source = tar.extractfile(member)
-    assert source is not None  # a regular file always has data
+    assert isinstance(source, io.BufferedIOBase)  # a regular file's data: a buffered reader
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         left = member.size
+        piece = memoryview(bytearray(min(left, WRITE_PIECE)))
         while left:
-            data = source.read(min(left, DEFAULT_CHUNK_SIZE))
-            if not data:
+            got = source.readinto(piece[: min(left, len(piece))])
+            if not got:
                 raise tarfile.ReadError("unexpected end of data")
-            view = memoryview(data)
+            view = piece[:got]
             while view:
                 view = view[os.write(fd, view) :]
-            left -= len(data)
+            left -= got
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime, mtime))
     finally:
