@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Protocol, final, runtime_checkable
 
@@ -239,7 +240,9 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
         os.close(fd)
         fd = -1
         try:
-            os.replace(part, final_path)
+            # In a thread: replacing a large file frees its blocks, which can
+            # take long enough to stall every other task.
+            await trio.to_thread.run_sync(os.replace, part, final_path)
         except OSError as err:
             raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
         committed = True
@@ -247,4 +250,5 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
         if fd != -1:
             os.close(fd)
         if not committed:
-            part.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial(part.unlink, missing_ok=True))
