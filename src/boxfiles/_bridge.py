@@ -64,7 +64,7 @@ T = TypeVar("T")
 #: times; kept under glibc's mmap threshold (128 KiB), those copies reuse heap
 #: memory instead of faulting in fresh pages for every frame, which more than
 #: halves the CPU an upload costs when the peer allows 1 MiB frames.
-SEND_FRAME_LIMIT = 64 * 1024
+SEND_FRAME_LIMIT = 120 * 1024
 
 
 def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -189,10 +189,10 @@ class ClientCall(Generic[SendT, RecvT]):
     async def send(self, message: SendT, *, end: bool = False) -> None:
         await self._call(self._stream.send_message(message, end=end))
 
-    async def send_encoded(self, message: bytes | memoryview) -> None:
-        """Send one message already encoded for the wire (5-byte gRPC prefix
-        included); its bytes go to h2 without further copies."""
-        await self._call(_send_encoded(self._stream, message))
+    async def send_encoded(self, *messages: bytes | memoryview) -> None:
+        """Send messages already encoded for the wire (5-byte gRPC prefix
+        included), in order; their bytes go to h2 without further copies."""
+        await self._call(_send_encoded(self._stream, messages))
 
     async def end(self) -> None:
         await self._call(self._stream.end())
@@ -212,7 +212,7 @@ class ClientCall(Generic[SendT, RecvT]):
 
 
 async def _send_encoded(
-    stream: grpclib.client.Stream[Any, Any], message: bytes | memoryview
+    stream: grpclib.client.Stream[Any, Any], messages: tuple[bytes | memoryview, ...]
 ) -> None:
     # grpclib's own send path copies every message three more times (protobuf
     # serialisation, prefix concatenation, a BytesIO read per frame) before
@@ -223,21 +223,24 @@ async def _send_encoded(
         h2_connection = h2_stream._h2_connection
         stream_id = h2_stream.id
         assert stream_id is not None  # the request was sent when the call opened
-        view = memoryview(message)
-        while view:
-            await connection.write_ready.wait()
-            window = h2_connection.local_flow_control_window(stream_id)
-            if window <= 0:
-                h2_stream.window_updated.clear()
-                await h2_stream.window_updated.wait()
-                continue  # other streams may have used the window meanwhile
-            size = min(window, h2_connection.max_outbound_frame_size, len(view), SEND_FRAME_LIMIT)
-            h2_connection.send_data(stream_id, view[:size])
-            h2_stream._transport.write(h2_connection.data_to_send())
-            h2_stream.data_sent += size
-            connection.data_sent += size
-            connection.data_send_process()
-            view = view[size:]
+        for message in messages:
+            view = memoryview(message)
+            while view:
+                await connection.write_ready.wait()
+                window = h2_connection.local_flow_control_window(stream_id)
+                if window <= 0:
+                    h2_stream.window_updated.clear()
+                    await h2_stream.window_updated.wait()
+                    continue  # other streams may have used the window meanwhile
+                size = min(
+                    window, h2_connection.max_outbound_frame_size, len(view), SEND_FRAME_LIMIT
+                )
+                h2_connection.send_data(stream_id, view[:size])
+                h2_stream._transport.write(h2_connection.data_to_send())
+                h2_stream.data_sent += size
+                connection.data_sent += size
+                connection.data_send_process()
+                view = view[size:]
 
 
 async def _recv_encoded(stream: grpclib.client.Stream[Any, Any]) -> bytes | None:
