@@ -43,6 +43,20 @@ async def server(root: Path, sock_dir: Path) -> AsyncIterator[str]:
         nursery.cancel_scope.cancel()
 
 
+class BytesReader:
+    """An async reader over ``data`` that hands out at most ``step`` per read."""
+
+    def __init__(self, data: bytes, step: int | None = None) -> None:
+        self._data = memoryview(data)
+        self._step = step
+
+    async def read(self, max_bytes: int) -> bytes:
+        n = max_bytes if self._step is None else min(max_bytes, self._step)
+        piece, self._data = self._data[:n], self._data[n:]
+        await trio.lowlevel.checkpoint()
+        return bytes(piece)
+
+
 def tar_of(files: dict[str, bytes]) -> bytes:
     """An in-memory tar archive holding ``files`` (name -> content)."""
     out = io.BytesIO()

@@ -8,7 +8,7 @@ and stops when its stdin closes.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -27,9 +27,17 @@ def download(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
     yield DownloadChunk()
 
 
-def main() -> None:
+UploadFn = Callable[[Iterator[UploadChunk], Any], UploadResponse]
+DownloadFn = Callable[[DownloadRequest, Any], Iterator[DownloadChunk]]
+
+
+def start_grpcio_server(
+    address: str, upload: UploadFn, download: DownloadFn, *, workers: int = 4
+) -> grpc.Server:
+    """A started grpcio server for the Files service at ``address``
+    (``unix:PATH``), with generic handlers: no generated grpcio code needed."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2),
+        futures.ThreadPoolExecutor(max_workers=workers),
         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
     )
     handler = grpc.method_handlers_generic_handler(
@@ -48,8 +56,13 @@ def main() -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"unix:{sys.argv[1]}")
+    server.add_insecure_port(address)
     server.start()
+    return server
+
+
+def main() -> None:
+    server = start_grpcio_server(f"unix:{sys.argv[1]}", upload, download, workers=2)
     print("ready", flush=True)
     sys.stdin.read()
     server.stop(grace=None).wait()

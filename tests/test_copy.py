@@ -217,6 +217,23 @@ async def test_single_file_round_trip_and_placement(
     assert (tmp_path / "into" / "renamed.txt").read_bytes() == b"content"
 
 
+async def test_copy_in_directory_follows_docker_cp_placement(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    tree = tmp_path / "site"
+    tree.mkdir()
+    (tree / "index.html").write_bytes(b"hi")
+    (root / "existing").mkdir()
+    async with boxfiles.open_client(server) as client:
+        await client.copy_in(tree, "/new")  # missing: becomes /new
+        await client.copy_in(tree, "/existing")  # a directory: lands inside by name
+        await client.copy_in(f"{tree}/.", "/existing")  # contents: merged in
+    assert (root / "new" / "index.html").read_bytes() == b"hi"
+    assert (root / "existing" / "site" / "index.html").read_bytes() == b"hi"
+    assert (root / "existing" / "index.html").read_bytes() == b"hi"
+    assert sorted(p.name for p in root.iterdir()) == ["existing", "new"]
+
+
 async def test_empty_directory_and_empty_file(server: str, root: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "zero").write_bytes(b"")

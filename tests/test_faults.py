@@ -27,7 +27,7 @@ from boxfiles.testing import (
     open_fault_server,
 )
 
-from .conftest import Leaks, assert_no_asyncio_tasks, tar_of
+from .conftest import BytesReader, Leaks, assert_no_asyncio_tasks, tar_of
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -180,7 +180,7 @@ async def test_records_show_the_wire(faults: FaultServer) -> None:
     faults.fail_next_upload(ReplyFailure(None))
     async with boxfiles.open_client(faults.target) as client:
         with pytest.raises(boxfiles.UploadRejected, match="upload failed"):
-            await client.upload_tar(_Reader(ARCHIVE), "/d", chunk_size=CHUNK, container_id="")
+            await client.upload_tar(BytesReader(ARCHIVE), "/d", chunk_size=CHUNK, container_id="")
     (call,) = faults.calls
     assert call.sizes == [len(ARCHIVE[i : i + CHUNK]) for i in range(0, len(ARCHIVE), CHUNK)]
     assert call.client_ended
@@ -194,8 +194,8 @@ async def test_faults_are_declared_per_call(faults: FaultServer, tmp_path: Path)
     faults.fail_next_upload(Reject(Status.INVALID_ARGUMENT, after_chunks=0))
     async with boxfiles.open_client(faults.target) as client:
         with pytest.raises(boxfiles.InvalidArgument):
-            await client.upload_tar(_Reader(ARCHIVE), "/a/payload.bin")
-        await client.upload_tar(_Reader(ARCHIVE), "/b/payload.bin")
+            await client.upload_tar(BytesReader(ARCHIVE), "/a/payload.bin")
+        await client.upload_tar(BytesReader(ARCHIVE), "/b/payload.bin")
     assert [c.fault is None for c in faults.calls] == [False, True]
     assert (faults.root / "b" / "payload.bin").read_bytes() == PAYLOAD
     assert not (faults.root / "a").exists()
@@ -213,13 +213,3 @@ async def test_wrong_direction_fault_is_refused(faults: FaultServer) -> None:
         faults.fail_next_upload(Corrupt())
     with pytest.raises(TypeError, match="ReplyFailure is not a download fault"):
         faults.fail_next_download(ReplyFailure())
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-
-    async def read(self, max_bytes: int) -> bytes:
-        await trio.lowlevel.checkpoint()
-        piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
-        return bytes(piece)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,34 +19,16 @@ import trio
 import boxfiles
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 
+from .conftest import BytesReader
+from .sink import DownloadFn, UploadFn, start_grpcio_server
+
 MiB = 1024 * 1024
 PROMPT = 5.0
-
-UploadFn = Callable[[Iterator[UploadChunk], Any], UploadResponse]
-DownloadFn = Callable[[DownloadRequest, Any], Iterator[DownloadChunk]]
 
 
 @contextmanager
 def grpcio_server(path: Path, upload: UploadFn, download: DownloadFn) -> Iterator[str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    handler = grpc.method_handlers_generic_handler(
-        "boxlite.v1.Files",
-        {
-            "Upload": grpc.stream_unary_rpc_method_handler(
-                upload,
-                request_deserializer=UploadChunk.FromString,
-                response_serializer=UploadResponse.SerializeToString,
-            ),
-            "Download": grpc.unary_stream_rpc_method_handler(
-                download,
-                request_deserializer=DownloadRequest.FromString,
-                response_serializer=DownloadChunk.SerializeToString,
-            ),
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"unix:{path}")
-    server.start()
+    server = start_grpcio_server(f"unix:{path}", upload, download)
     try:
         yield f"unix:{path}"
     finally:
@@ -57,16 +38,6 @@ def grpcio_server(path: Path, upload: UploadFn, download: DownloadFn) -> Iterato
 def no_download(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "no downloads here")
     yield DownloadChunk()  # unreachable: abort raises
-
-
-class Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-
-    async def read(self, max_bytes: int) -> bytes:
-        await trio.lowlevel.checkpoint()
-        piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
-        return bytes(piece)
 
 
 async def test_upload_to_grpcio(sock_dir: Path) -> None:
@@ -79,7 +50,7 @@ async def test_upload_to_grpcio(sock_dir: Path) -> None:
     data = os.urandom(3 * MiB + 5)
     with grpcio_server(sock_dir / "g.sock", upload, no_download) as target:
         async with boxfiles.open_client(target) as client:
-            await client.upload_tar(Reader(data), "/d", overwrite=False, source_is_dir=False)
+            await client.upload_tar(BytesReader(data), "/d", overwrite=False, source_is_dir=False)
     assert b"".join(c.data for c in received) == data
     assert len(received) == 4
     assert received[0].dest_path == "/d"
@@ -96,7 +67,7 @@ async def test_grpcio_abort_keeps_status_class(sock_dir: Path) -> None:
     with grpcio_server(sock_dir / "g.sock", upload, no_download) as target:
         async with boxfiles.open_client(target) as client:
             with trio.fail_after(PROMPT), pytest.raises(boxfiles.AlreadyExists, match="exists: /d"):
-                await client.upload_tar(Reader(os.urandom(16 * MiB)), "/d")
+                await client.upload_tar(BytesReader(os.urandom(16 * MiB)), "/d")
 
 
 async def test_cancel_is_seen_by_grpcio_as_a_reset(sock_dir: Path) -> None:
@@ -181,7 +152,7 @@ async def test_unix_authority_is_localhost(sock_dir: Path) -> None:
             async with boxfiles.open_client(f"unix://{path}") as client:
                 with trio.move_on_after(PROMPT):
                     try:
-                        await client.upload_tar(Reader(b"x"), "/d")
+                        await client.upload_tar(BytesReader(b"x"), "/d")
                     except boxfiles.FilesError:
                         pass  # the bare server never answers properly
     assert headers[b":authority"] == b"localhost"

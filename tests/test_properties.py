@@ -7,22 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import boxfiles
 from boxfiles.testing import FaultServer, ReplyFailure, open_fault_server, short_socket_dir
 
-
-class Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-
-    async def read(self, max_bytes: int) -> bytes:
-        await trio.lowlevel.checkpoint()
-        piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
-        return bytes(piece)
+from .conftest import BytesReader
 
 
 @asynccontextmanager
@@ -55,7 +46,7 @@ async def test_server_receives_exactly_the_source(
         server.fail_next_upload(ReplyFailure())
         with pytest.raises(boxfiles.UploadRejected):
             await client.upload_tar(
-                Reader(data),
+                BytesReader(data),
                 "/dest",
                 chunk_size=chunk_size,
                 source_is_dir=source_is_dir,

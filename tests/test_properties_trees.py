@@ -25,6 +25,7 @@ from boxfiles._bridge import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles.testing import short_socket_dir
 
+from .conftest import BytesReader
 from .rig import DownloadScript, scripted_server
 
 KiB = 1024
@@ -250,16 +251,6 @@ def tar_bytes(entries: list[Entry], sentinel: Path) -> bytes:
     return out.getvalue()
 
 
-class Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-
-    async def read(self, max_bytes: int) -> bytes:
-        await trio.lowlevel.checkpoint()
-        piece, self._data = self._data[:max_bytes], self._data[max_bytes:]
-        return bytes(piece)
-
-
 def make_work(tmp: Path) -> tuple[Path, Path]:
     """tmp/p/.../p/w holding the sentinel directory and a victim file; the
     root or destination goes beside them, so one or two ".." from it (or
@@ -306,7 +297,7 @@ async def test_hostile_upload_never_writes_outside_the_root(
             async with boxfiles.open_client(target) as client:
                 with trio.fail_after(PROMPT):
                     try:
-                        await client.upload_tar(Reader(data), dest, source_is_dir=True)
+                        await client.upload_tar(BytesReader(data), dest, source_is_dir=True)
                     except boxfiles.RemoteError as exc:
                         refused = exc
         event("refused" if refused else "accepted")  # shown by --hypothesis-show-statistics

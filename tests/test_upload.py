@@ -14,7 +14,7 @@ import boxfiles
 from boxfiles._bridge import ServerCall
 from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
 
-from .conftest import Leaks, assert_no_asyncio_tasks, tar_of
+from .conftest import BytesReader, Leaks, assert_no_asyncio_tasks, tar_of
 from .rig import Record, recv_all, scripted_server
 
 if sys.version_info < (3, 11):
@@ -22,20 +22,6 @@ if sys.version_info < (3, 11):
 
 MiB = 1024 * 1024
 PROMPT = 5.0  # a generous guard for "returns promptly"; never a speed claim
-
-
-class BytesReader:
-    """An async reader over ``data`` that hands out at most ``step`` per read."""
-
-    def __init__(self, data: bytes, step: int | None = None) -> None:
-        self._data = memoryview(data)
-        self._step = step
-
-    async def read(self, max_bytes: int) -> bytes:
-        n = max_bytes if self._step is None else min(max_bytes, self._step)
-        piece, self._data = self._data[:n], self._data[n:]
-        await trio.lowlevel.checkpoint()
-        return bytes(piece)
 
 
 class FailingReader:

@@ -47,11 +47,9 @@ BOX_PREFIX = "box:"
 CP_DESCRIPTION = """\
 Copy SRC to DST; exactly one of them is box:PATH.
 
-Into the box, a local directory's contents land in box:PATH, created when
-missing (DIR and DIR/. mean the same); a file becomes box:PATH, or lands
-inside it when it is a directory. Out of the box, like docker cp: box:DIR
-lands inside DST when DST is an existing directory, else becomes DST;
-box:DIR/. merges its contents into DST; a file becomes DST or lands inside
+Both ways, like docker cp: a directory lands inside the destination when
+that is an existing directory, else becomes it; DIR/. merges its contents
+into the destination; a file becomes the destination or lands inside
 it. '-' as the local side streams a tar archive on stdin (SRC) or stdout
 (DST). A progress bar is shown when stdout is a terminal."""
 

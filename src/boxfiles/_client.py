@@ -13,13 +13,13 @@ import math
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import final
+from typing import Literal, final
 
 import trio
 
 from . import _copy
 from ._bridge import Channel, ClientCall, open_channel
-from ._errors import DeadlineExceeded, IncompleteTransfer, UploadRejected
+from ._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
 from ._local import (
     ChunkReader,
     ChunkWriter,
@@ -198,6 +198,36 @@ class FilesClient:
         meter.finish()
         return source_is_dir
 
+    async def _remote_kind(
+        self, path: str, *, container_id: str | None
+    ) -> Literal["dir", "file", "missing", "unknown"]:
+        """What ``path`` is in the box, learnt from the first chunk of a
+        download that is then reset (it costs at most a chunk of packing).
+        "unknown" when the server does not say (a legacy peer, or one that
+        refuses the download)."""
+        request = DownloadRequest(src_path=path, container_id=check_container_id(container_id))
+        kind: Literal["dir", "file", "missing", "unknown"] = "missing"
+        with self._deadline(), trio.CancelScope() as done:
+            try:
+                async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
+                    await call.send(request, end=True)
+                    body = await call.recv_encoded()
+                    if body is not None:
+                        try:
+                            is_dir = decode_download_chunk(body)[1]
+                        except ValueError as err:
+                            raise IncompleteTransfer(f"malformed DownloadChunk: {err}") from err
+                        kind = "unknown" if is_dir is None else "dir" if is_dir else "file"
+                    # Leaving by cancellation resets the stream: the rest of
+                    # the archive is not wanted.
+                    done.cancel()
+                    await trio.lowlevel.checkpoint()
+            except NotFound:
+                kind = "missing"
+            except RemoteError:
+                kind = "unknown"  # a server that will not say (refuses downloads, say)
+        return kind
+
     async def copy_in(
         self,
         src: str | os.PathLike[str],
@@ -213,14 +243,17 @@ class FilesClient:
 
         The tar archive is built by a worker thread while it streams (no
         temporary file, memory bounded by a few chunks whatever the tree's
-        size), and ``source_is_dir`` is always sent. A directory's contents
-        are extracted into ``dest_path`` (created when missing and
-        ``mkdir_parents`` allows): ``src`` and ``src/.`` mean the same, and
-        unlike ``docker cp`` the directory never lands *inside* an existing
-        ``dest_path`` -- name that path instead. A file becomes
-        ``dest_path``, or lands inside it by its basename when it is an
-        existing directory or ends with ``/``. Sockets in the tree are
-        skipped; a fifo or device node fails the copy.
+        size), and ``source_is_dir`` is always sent. Where things land
+        follows ``docker cp``: a directory onto an existing directory lands
+        inside it under its own name, anywhere else it becomes ``dest_path``
+        (created when ``mkdir_parents`` allows); ``src/.`` copies a
+        directory's contents into ``dest_path`` either way. Telling the two
+        cases apart costs one extra call that reads the first chunk of
+        ``dest_path`` and resets (a server that refuses it gets the
+        contents into ``dest_path``). A file becomes ``dest_path``, or lands
+        inside it by its basename when it is an existing directory or ends
+        with ``/``. Sockets in the tree are skipped; a fifo or device node
+        fails the copy.
 
         Args:
             src: the local file or directory (or symlink).

@@ -13,6 +13,7 @@ freed in the trio thread (see ``_local`` and SPEC, "Facts about real peers").
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import grp
 import io
@@ -64,6 +65,7 @@ class _PackPlan:
     path: str  # what to pack (the symlink itself unless follow_symlinks)
     is_dir: bool
     follow_top: bool  # stat the top entry through a symlink
+    root: str = "."  # a directory's own name in the archive: "." for its contents
 
 
 def _plan(src: str, follow_symlinks: bool) -> _PackPlan:
@@ -101,16 +103,16 @@ class _Names:
 def _walk(plan: _PackPlan) -> Iterator[tuple[str, str, os.stat_result]]:
     """(path, arcname, stat) for every entry, parents before children.
 
-    A directory is packed as its contents, rooted at ``./``; a file or link
-    by its basename. Only the top entry is followed when follow_symlinks is
+    A directory is packed rooted at ``plan.root``: ``./`` (its contents) or
+    its own name; a file or link by its basename. Only the top entry is followed when follow_symlinks is
     set (like ``docker cp -L``); links inside a directory stay links.
     """
     top = os.stat(plan.path) if plan.follow_top else os.lstat(plan.path)
     if not stat.S_ISDIR(top.st_mode):
         yield plan.path, os.path.basename(plan.path) or ".", top
         return
-    yield plan.path, ".", top
-    stack = [(plan.path, ".")]
+    yield plan.path, plan.root, top
+    stack = [(plan.path, plan.root)]
     while stack:
         directory, arc = stack.pop()
         with os.scandir(directory) as entries:
@@ -313,6 +315,15 @@ async def copy_in(
     src_text = _local_path(src, "src")
     try:
         plan = await trio.to_thread.run_sync(_plan, src_text, follow_symlinks)
+    except OSError as err:
+        raise _local_error(err, src_text) from err
+    name = os.path.basename(plan.path)
+    if plan.is_dir and not src_text.endswith("/.") and name:
+        # docker cp: a directory copied onto an existing directory lands
+        # inside it under its own name; anywhere else it becomes dest_path.
+        if await client._remote_kind(dest_path, container_id=container_id) == "dir":
+            plan = dataclasses.replace(plan, root=name)
+    try:
         total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
     except OSError as err:
         raise _local_error(err, src_text) from err
