@@ -33,7 +33,7 @@ def bench(session: nox.Session) -> None:
 
     See ``python tests/bench/run.py --help``; results go to bench-results/.
     """
-    session.install(".[test]", "matplotlib")
+    session.install(".[test,bench]")
     session.run("python", "tests/bench/run.py", *session.posargs)
 
 
