@@ -62,8 +62,7 @@ def _census(tree: Path) -> tuple[int, int]:
 
 def differences(a: Path, b: Path) -> list[str]:
     """What differs between two trees: kinds, permission bits, contents,
-    link targets, hard links, and mtimes to the second (the reference
-    server's precision)."""
+    link targets, hard links, and mtimes to the nanosecond."""
 
     def describe(root: Path) -> dict[str, tuple[object, ...]]:
         found: dict[str, tuple[object, ...]] = {}
@@ -74,16 +73,16 @@ def differences(a: Path, b: Path) -> list[str]:
                 rel = os.path.relpath(path, root)
                 st = os.lstat(path)
                 if stat.S_ISLNK(st.st_mode):
-                    found[rel] = ("link", os.readlink(path), int(st.st_mtime))
+                    found[rel] = ("link", os.readlink(path), st.st_mtime_ns)
                 elif stat.S_ISDIR(st.st_mode):
-                    found[rel] = ("dir", stat.S_IMODE(st.st_mode), int(st.st_mtime))
+                    found[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
                 else:
                     first = inodes.setdefault((st.st_dev, st.st_ino), rel)
                     found[rel] = (
                         "file",
                         stat.S_IMODE(st.st_mode),
                         st.st_size,
-                        int(st.st_mtime),
+                        st.st_mtime_ns,
                         first,
                     )
         return found
@@ -148,7 +147,7 @@ async def demo(*, big_mib: int = 256, small_files: int = 2000) -> int:
             return 1
         print(
             "round trip exact: contents, directories, symlinks, hard links, modes,"
-            " mtimes (to the second, the reference server's precision)"
+            " mtimes (to the nanosecond)"
         )
         return 0
     finally:
