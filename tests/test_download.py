@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,24 @@ def sender(
             raise then
 
     return script
+
+
+def endless_download(
+    reset: trio.Event,
+) -> Callable[[ServerCall[DownloadRequest, DownloadChunk]], Awaitable[None]]:
+    """A download script that sends forever and sets ``reset`` when the
+    client's reset cancels it."""
+
+    async def endless(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        await call.recv()
+        try:
+            while True:
+                await call.send(DownloadChunk(data=b"z" * 65536))
+        except trio.Cancelled:
+            reset.set()
+            raise
+
+    return endless
 
 
 class ListWriter:
@@ -120,15 +139,7 @@ async def test_success_replaces_existing_file(sock_dir: Path, tmp_path: Path) ->
 
 async def test_cancel_leaves_nothing_and_resets(sock_dir: Path, tmp_path: Path) -> None:
     reset = trio.Event()
-
-    async def endless(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
-        await call.recv()
-        try:
-            while True:
-                await call.send(DownloadChunk(data=b"z" * 65536))
-        except trio.Cancelled:
-            reset.set()
-            raise
+    endless = endless_download(reset)
 
     async with scripted_server(sock_dir, download=endless) as srv:
         leaks = Leaks()
@@ -145,15 +156,7 @@ async def test_cancel_leaves_nothing_and_resets(sock_dir: Path, tmp_path: Path) 
 
 async def test_local_write_error_wins_and_resets(sock_dir: Path) -> None:
     reset = trio.Event()
-
-    async def endless(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
-        await call.recv()
-        try:
-            while True:
-                await call.send(DownloadChunk(data=b"z" * 65536))
-        except trio.Cancelled:
-            reset.set()
-            raise
+    endless = endless_download(reset)
 
     class DiskFull:
         async def write(self, data: bytes) -> None:
