@@ -63,8 +63,8 @@ class _ReadFn(Protocol):
 
 
 #: Buffers a file source reads into and lends to the sender: one being read,
-#: CHANNEL_CAPACITY queued, one being sent, one spare.
-POOL_SIZE = CHANNEL_CAPACITY + 3
+#: CHANNEL_CAPACITY queued, one being sent.
+POOL_SIZE = CHANNEL_CAPACITY + 2
 
 
 @final
