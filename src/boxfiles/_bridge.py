@@ -77,6 +77,10 @@ def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
 if "_body_repr" not in hyperframe.frame.DataFrame.__dict__:
     hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign, assignment]
 
+#: Unsent bytes the transport may hold before the sender waits (asyncio's
+#: default is 64 KiB); low water is a quarter of it.
+WRITE_BUFFER_HIGH = 256 * 1024
+
 #: How long a shielded clean-up (stream reset, channel close) may take before
 #: it is abandoned; these never wait on the peer, so this is only a backstop.
 CLEANUP_TIMEOUT = 5.0
@@ -290,7 +294,7 @@ class Channel:
         )
         await _run(self._loop, stream.__aenter__(), self._where)
         try:
-            await _run(self._loop, stream.send_request(), self._where)
+            await _run(self._loop, _send_request(stream), self._where)
             yield ClientCall(self._loop, stream, self._where)
         except BaseException as exc:
             with trio.CancelScope(shield=True) as scope:
@@ -302,6 +306,14 @@ class Channel:
             raise
         else:
             await _run(self._loop, stream.__aexit__(None, None, None), self._where)
+
+
+async def _send_request(stream: grpclib.client.Stream[Any, Any]) -> None:
+    await stream.send_request()
+    # asyncio pauses a writer at 64 KiB of unsent data, which a single frame
+    # exceeds: every frame would wait for a pause/resume round trip through
+    # the event loop.
+    stream._stream._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
 
 async def _reset(stream: grpclib.client.Stream[Any, Any], exc: BaseException) -> None:
