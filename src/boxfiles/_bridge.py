@@ -39,7 +39,6 @@ from ._errors import (
     FilesError,
     IncompleteTransfer,
     RemoteError,
-    Status,
     Unavailable,
     remote_error,
 )
@@ -507,15 +506,3 @@ async def serve(
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
                 await loop.run_aio_coroutine(server.shut_down())
-
-
-__all__ = [
-    "Channel",
-    "ClientCall",
-    "Handler",
-    "Method",
-    "ServerCall",
-    "Status",
-    "open_channel",
-    "serve",
-]

@@ -3,7 +3,7 @@
 Every transfer has the same shape: one nursery runs the local side (a reader
 or a writer) and the gRPC side, joined by a memory channel of
 CHANNEL_CAPACITY chunks. The nursery's cancel scope aborts the healthy side
-when the other fails, and :func:`boxfiles._errors.collapse` picks the one
+when the other fails, and :func:`boxfiles._supervise.supervise` raises the one
 error the caller sees.
 """
 

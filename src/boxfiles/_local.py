@@ -98,11 +98,10 @@ def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
         view = memoryview(buffer)[HEADER_ROOM : HEADER_ROOM + max_bytes]
         try:
             got = await trio.to_thread.run_sync(file.readinto, view)
-        except OSError as err:
+        except BaseException as exc:
             pool.give_back(buffer)
-            raise LocalIOError(f"cannot read {name}: {_describe(err)}") from err
-        except BaseException:
-            pool.give_back(buffer)
+            if isinstance(exc, OSError):
+                raise LocalIOError(f"cannot read {name}: {_describe(exc)}") from exc
             raise
         return Chunk(buffer, got or 0, pool.give_back)
 

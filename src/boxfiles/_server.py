@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._extract import Feed, Placement, Staged, extract
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from ._supervise import supervise
+from ._supervise import one_error, supervise
 from ._target import TcpTarget, UnixTarget, parse_target
 from ._wire import (
     CHANNEL_CAPACITY,
@@ -608,10 +608,11 @@ async def serve_service(
         for cid, path in resolved.items():
             for name in await trio.to_thread.run_sync(sweep_stale_staging, path):
                 log.warning("removed stale staging %s of container %r", name, cid)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, listener.sock, handlers_for(service))
-            task_status.started(listener.address)
-            await trio.sleep_forever()
+        with one_error():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, listener.sock, handlers_for(service))
+                task_status.started(listener.address)
+                await trio.sleep_forever()
     finally:
         listener.sock.close()
         if listener.unix_file is not None:
