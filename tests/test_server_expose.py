@@ -182,3 +182,15 @@ async def test_stale_staging_is_swept_at_start(
         os.close(holder)
     assert sorted(p.name for p in root.iterdir()) == [fresh.name, live.name]
     assert f"removed stale staging {crashed.name}" in caplog.text
+
+
+async def test_sweep_leaves_what_is_not_a_staging_directory(root: Path, sock_dir: Path) -> None:
+    # Neither stops the server from starting, nor is removed.
+    (root / f"{STAGING_PREFIX}file").write_text("not ours")
+    (root / f"{STAGING_PREFIX}link").symlink_to("/")
+    async with serving(root, sock_dir):
+        pass
+    assert sorted(p.name for p in root.iterdir()) == [
+        f"{STAGING_PREFIX}file",
+        f"{STAGING_PREFIX}link",
+    ]

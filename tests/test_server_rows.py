@@ -507,7 +507,14 @@ async def test_client_deadline_leaves_nothing(server: str, tree: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [f"/{STAGING_PREFIX}x/tree", f"{STAGING_PREFIX}1", f"//{STAGING_PREFIX}"]
+    "path",
+    [
+        f"/{STAGING_PREFIX}x/tree",
+        f"{STAGING_PREFIX}1",
+        f"//{STAGING_PREFIX}",
+        f"./{STAGING_PREFIX}2",
+        f"/./{STAGING_PREFIX}3",
+    ],
 )
 async def test_staging_names_are_reserved(server: str, tree: Path, path: str) -> None:
     await expect_unchanged(
@@ -515,6 +522,18 @@ async def test_staging_names_are_reserved(server: str, tree: Path, path: str) ->
     )
     with pytest.raises(boxfiles.InvalidArgument, match="reserved for upload staging"):
         await download(server, path)
+
+
+async def test_deeply_nested_entry_is_invalid_argument(server: str, tree: Path) -> None:
+    deep = "/".join(["d"] * 1100) + "/f"
+    await expect_unchanged(
+        tree,
+        boxfiles.InvalidArgument,
+        "nested deeper",
+        server,
+        archive(member(deep, b"x")),
+        "/data",
+    )
 
 
 async def test_absurd_mtime_is_invalid_argument(server: str, tree: Path) -> None:

@@ -86,12 +86,20 @@ class Staged:
     root_entry: bool = False
 
 
+#: Deepest entry accepted: staging is walked and removed one directory (and
+#: one open descriptor) per level, so depth must stay well inside both the
+#: recursion and the file-descriptor limits.
+MAX_DEPTH = 256
+
+
 def _entry_parts(name: str, what: str = "entry") -> list[str]:
     if name.startswith("/"):
         raise InvalidArgument(f"archive {what} has an absolute name: {name}")
     parts = components(name)
     if ".." in parts:
         raise InvalidArgument(f"archive {what} contains ..: {name}")
+    if len(parts) > MAX_DEPTH:
+        raise InvalidArgument(f"archive {what} is nested deeper than {MAX_DEPTH}: {name[:64]}...")
     return parts
 
 

@@ -26,7 +26,7 @@ import trio
 
 from . import _pack
 from ._bridge import Handler, Method, ServerCall, serve
-from ._confine import DIR_FLAGS, make_dir, remove_tree
+from ._confine import DIR_FLAGS, components, make_dir, remove_tree
 from ._errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -66,10 +66,10 @@ def _check_path(path: str) -> None:
         raise InvalidArgument(f"path must not contain NUL: {path!r}")
     if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
         raise InvalidArgument(f"path is longer than {MAX_PATH_BYTES} bytes: {path[:64]}...")
-    parts = path.split("/")
+    parts = components(path)  # keeps "..", drops "" and "."
     if ".." in parts:
         raise InvalidArgument(f"path must not contain ..: {path}")
-    if any(parts) and next(p for p in parts if p).startswith(STAGING_PREFIX):
+    if parts and parts[0].startswith(STAGING_PREFIX):
         raise InvalidArgument(f"path is reserved for upload staging: {path}")
 
 
@@ -205,7 +205,10 @@ def sweep_stale_staging(root: Path) -> list[str]:
         for name in os.listdir(root_fd):
             if not name.startswith(STAGING_PREFIX):
                 continue
-            fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+            except OSError:
+                continue  # not a directory of ours (a link, a file): never ours to remove
             try:
                 if time.time() - os.fstat(fd).st_mtime < STALE_AFTER:
                     continue
@@ -214,7 +217,11 @@ def sweep_stale_staging(root: Path) -> list[str]:
                 continue  # in use
             finally:
                 os.close(fd)
-            remove_tree(root_fd, name)
+            try:
+                remove_tree(root_fd, name)
+            except Exception as err:  # a server must start even beside debris it cannot remove
+                log.warning("could not remove stale staging %s: %r", name, err)
+                continue
             removed.append(name)
     finally:
         os.close(root_fd)
@@ -282,7 +289,10 @@ class FilesService:
         cid, root = self._container(first.container_id)
         transfer.container = cid
         source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
-        staging = await trio.to_thread.run_sync(_Staging.create, root)
+        try:
+            staging = await trio.to_thread.run_sync(_Staging.create, root)
+        except OSError as err:
+            raise _remote_from_os(err, first.dest_path) from err
         try:
             staged = await self._receive(call, first, staging, transfer)
             if source_is_dir is False and not staged.single_file:
@@ -309,7 +319,10 @@ class FilesService:
                     raise _remote_from_os(err, first.dest_path) from err
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(staging.remove)
+                try:
+                    await trio.to_thread.run_sync(staging.remove)
+                except Exception as err:  # never let clean-up replace the real outcome
+                    log.warning("could not remove staging for %s: %r", first.dest_path, err)
         await call.send(UploadResponse(success=True))
 
     async def _receive(
@@ -327,14 +340,15 @@ class FilesService:
             async with send_data:
                 chunk: UploadChunk | None = first
                 while chunk is not None:
-                    if chunk.data:
-                        transfer.bytes += len(chunk.data)
+                    data = chunk.data  # each access copies (upb): read it once
+                    if data:
+                        transfer.bytes += len(data)
                         if cap is not None and transfer.bytes > cap:
                             raise ResourceExhausted(
                                 f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
                             )
                         try:
-                            await send_data.send(chunk.data)
+                            await send_data.send(data)
                         except trio.BrokenResourceError:
                             return  # the extractor failed; its error explains why
                     chunk = await call.recv()
@@ -379,7 +393,10 @@ class FilesService:
         _check_path(request.src_path)
         cid, root = self._container(request.container_id)
         transfer.container = cid
-        root_fd = await trio.to_thread.run_sync(os.open, root, DIR_FLAGS)
+        try:
+            root_fd = await trio.to_thread.run_sync(os.open, root, DIR_FLAGS)
+        except OSError as err:
+            raise _remote_from_os(err, request.src_path) from err
         try:
             try:
                 plan = await trio.to_thread.run_sync(
