@@ -357,7 +357,18 @@ async def test_copy_out_missing_source_is_not_found(
 
 # --------------------------------------------------------------- hostile servers
 
+
+def with_pax(info: tarfile.TarInfo, **pax: str) -> tarfile.TarInfo:
+    info.pax_headers = pax
+    return info
+
+
 HOSTILE = {
+    "nan-mtime": tar_bytes((with_pax(entry("f"), mtime="nan"), b"x")),
+    "overflowing-mtime": tar_bytes((with_pax(entry("f"), mtime="1e400"), b"x")),
+    "far-off-dir-mtime": tar_bytes(
+        (with_pax(entry("d", tarfile.DIRTYPE), mtime="99999999999999999999"), None)
+    ),
     "dotdot": tar_bytes((entry("d", tarfile.DIRTYPE), None), (entry("d/../../evil"), b"x")),
     "absolute": tar_bytes(
         (entry("/tmp/evil"), b"x"),

@@ -547,6 +547,20 @@ async def test_absurd_mtime_is_invalid_argument(server: str, tree: Path) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("kind", "mtime"),
+    [(tarfile.REGTYPE, "nan"), (tarfile.REGTYPE, "1e400"), (tarfile.DIRTYPE, "9" * 20)],
+)
+async def test_absurd_pax_mtime_is_invalid_argument(
+    server: str, tree: Path, kind: bytes, mtime: str
+) -> None:
+    info, data = member("when", b"x" if kind == tarfile.REGTYPE else b"", type=kind)
+    info.pax_headers = {"mtime": mtime}
+    await expect_unchanged(
+        tree, boxfiles.InvalidArgument, "when", server, archive((info, data)), "/data/when"
+    )
+
+
 async def test_replacements_are_undone_when_a_later_step_fails(server: str, tree: Path) -> None:
     (tree / "data" / "a").write_text("old")
     (tree / "data" / "z").mkdir()

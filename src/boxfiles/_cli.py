@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
+from ._wire import check_container_id, check_path
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -39,7 +40,8 @@ exit status:
   {EXIT_LOCAL}    local failure: reading or writing a path on this machine
   {EXIT_REMOTE}    remote failure: the server refused, failed or could not be reached
   {EXIT_UNSAFE}    the server sent an unsafe or corrupt archive (nothing was written)
-  130  cp interrupted by Ctrl-C; 143: by SIGTERM (nothing half-written is left)
+  130  cp interrupted by Ctrl-C; 143: by SIGTERM (nothing half-written is left,
+       but a tar being written to stdout stops where it was)
 """
 
 BOX_PREFIX = "box:"
@@ -346,7 +348,11 @@ def _cp(args: argparse.Namespace) -> int:
     if not args.connect:
         raise UsageError("no server given: pass --connect URI or set BOXFILES_CONNECT")
     try:
+        # Checked here, so that a ValueError later on is never taken for a
+        # usage error.
         parse_target(args.connect)
+        check_path(plan.remote, "box:PATH")
+        check_container_id(args.container)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if not plan.into_box and (args.no_overwrite or args.no_parents):
@@ -396,30 +402,36 @@ def _cp(args: argparse.Namespace) -> int:
 
     try:
         interrupt = trio.run(_until_signal, body)
-    except UnsafeArchive as err:
-        _fail(f"box:{plan.remote}: {err}")
-        return EXIT_UNSAFE
-    except LocalIOError as err:
-        _fail(str(err))
-        return EXIT_LOCAL
-    except Unavailable as err:
-        _fail(f"cannot reach the server at {args.connect}: {err.message or err.status.name}")
-        return EXIT_REMOTE
-    except RemoteError as err:
-        _fail(f"box:{plan.remote}: {err.message or 'failed'} ({err.status.name})")
-        return EXIT_REMOTE
-    except FilesError as err:  # IncompleteTransfer: the stream ended with no status
-        _fail(f"box:{plan.remote}: {err}")
-        return EXIT_REMOTE
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from None
+    except FilesError as err:
+        return _report(err, f"box:{plan.remote}", args.connect)
     finally:
         if bar is not None:
             bar.close()
     if interrupt.signum is not None:
-        _fail("interrupted; nothing was left half-written")
+        if plan.local == "-" and not plan.into_box:
+            _fail("interrupted; the archive written to stdout is incomplete")
+        else:
+            _fail("interrupted; nothing was left half-written")
         return 128 + interrupt.signum
     return EXIT_OK
+
+
+def _report(err: FilesError, where: str, connect: str) -> int:
+    """Print ``err`` as one line; its exit status."""
+    if isinstance(err, UnsafeArchive):
+        _fail(f"{where}: {err}")
+        return EXIT_UNSAFE
+    if isinstance(err, LocalIOError):
+        _fail(str(err))
+        return EXIT_LOCAL
+    if isinstance(err, Unavailable):
+        _fail(f"cannot reach the server at {connect}: {err.message or err.status.name}")
+        return EXIT_REMOTE
+    if isinstance(err, RemoteError):
+        _fail(f"{where}: {err.message or 'failed'} ({err.status.name})")
+        return EXIT_REMOTE
+    _fail(f"{where}: {err}")  # IncompleteTransfer: the stream ended with no status
+    return EXIT_REMOTE
 
 
 # --------------------------------------------------------------------- demo
@@ -437,7 +449,13 @@ def _demo(args: argparse.Namespace) -> int:
         nonlocal status
         status = await demo(big_mib=args.big_mib, small_files=args.small_files)
 
-    interrupt = trio.run(_until_signal, body)
+    try:
+        interrupt = trio.run(_until_signal, body)
+    except FilesError as err:
+        return _report(err, "demo", "the embedded server")
+    except OSError as err:  # building or checking the sample tree
+        _fail(f"demo: {err.filename or ''}: {err.strerror or err}")
+        return EXIT_LOCAL
     if interrupt.signum is not None:
         _fail("interrupted; the sample files were removed")
         return 128 + interrupt.signum

@@ -13,6 +13,7 @@ freed in the trio thread (see ``_local`` and SPEC, "Facts about real peers").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import grp
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from ._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
+from ._local import describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
 from ._supervise import supervise
@@ -44,15 +46,11 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # non-UTF-8 file names survive the round trip
 
 
-def _describe(err: OSError) -> str:
-    return err.strerror or str(err)
-
-
 def _local_error(
     err: OSError, path: str | os.PathLike[str], what: str = "cannot read"
 ) -> LocalIOError:
     name = err.filename if isinstance(err.filename, str) else os.fspath(path)
-    return LocalIOError(f"{what} {name}: {_describe(err)}")
+    return LocalIOError(f"{what} {name}: {describe_oserror(err)}")
 
 
 # --------------------------------------------------------------------------
@@ -361,13 +359,13 @@ async def copy_in(
 @final
 class _StreamReader:
     """A blocking file-like reader for the extraction thread over a trio
-    channel of chunks. Each chunk is copied into a reused buffer by the trio
-    thread, so the chunk is freed there."""
+    channel of chunks. A chunk is replaced (and so freed) only inside
+    ``_refill``, in the trio thread that allocated it."""
 
     def __init__(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
         self._channel = channel
-        self._buffer = bytearray(DEFAULT_CHUNK_SIZE)
-        self._start = self._end = 0
+        self._chunk = b""
+        self._start = 0
         self.eof = False
 
     async def _refill(self) -> None:
@@ -375,19 +373,15 @@ class _StreamReader:
             chunk = await self._channel.receive()
         except trio.EndOfChannel:
             self.eof = True
-            return
-        if len(chunk) > len(self._buffer):
-            self._buffer = bytearray(len(chunk))
-        self._buffer[: len(chunk)] = chunk
-        self._start, self._end = 0, len(chunk)
+            chunk = b""
+        self._chunk, self._start = chunk, 0
 
     def read(self, size: int = -1) -> bytes:
-        while self._start == self._end and not self.eof:
+        while self._start == len(self._chunk) and not self.eof:
             trio.from_thread.run(self._refill)
-        if size < 0:
-            size = self._end - self._start
-        take = min(size, self._end - self._start)
-        with memoryview(self._buffer) as view:
+        left = len(self._chunk) - self._start
+        take = left if size < 0 else min(size, left)
+        with memoryview(self._chunk) as view:
             piece = bytes(view[self._start : self._start + take])
         self._start += take
         return piece
@@ -438,12 +432,16 @@ def _extract(reader: _StreamReader, staging: str) -> _Extracted:
                 if reader.eof:
                     raise IncompleteTransfer("the archive ended early") from err
                 raise UnsafeArchive(f"corrupt archive: {err}") from err
+            except (ValueError, OverflowError) as err:  # absurd numbers in a header
+                raise UnsafeArchive(f"corrupt archive header: {err}") from err
             if member is None:
                 break
             try:
                 _extract_one(tar, member, staging, kinds, dir_meta, out)
             except tarfile.ReadError as err:  # the data of a file ran out
                 raise IncompleteTransfer(f"the archive ended inside {member.name!r}") from err
+            except (ValueError, OverflowError) as err:  # a NaN or far-off mtime, say
+                raise UnsafeArchive(f"bad archive entry {member.name!r}: {err}") from err
     finally:
         tar.close()
     # Deepest first: a directory's own mode could forbid writing its children,
@@ -452,7 +450,10 @@ def _extract(reader: _StreamReader, staging: str) -> _Extracted:
         mode, mtime = dir_meta[rel]
         path = os.path.join(staging, rel)
         os.chmod(path, mode)
-        os.utime(path, ns=(mtime, mtime))
+        try:
+            os.utime(path, ns=(mtime, mtime))
+        except (ValueError, OverflowError) as err:
+            raise UnsafeArchive(f"bad archive entry {rel!r}: {err}") from err
     return out
 
 
@@ -671,15 +672,19 @@ async def copy_out(
         # (os.umask() cannot be read without changing it for every thread);
         # then closed to others while it fills.
         os.mkdir(staging, 0o777)
-        default_mode = stat.S_IMODE(os.lstat(staging).st_mode)
-        os.chmod(staging, 0o700)
+        try:
+            default_mode = stat.S_IMODE(os.lstat(staging).st_mode)
+            os.chmod(staging, 0o700)
+        except BaseException:
+            os.rmdir(staging)
+            raise
         return dest_is_dir, staging, default_mode
 
     try:
         dest_is_dir, staging, default_mode = await trio.to_thread.run_sync(prepare)
     except OSError as err:
         # Name dest, not the staging directory the user never asked for.
-        raise LocalIOError(f"cannot write {dest_text}: {_describe(err)}") from err
+        raise LocalIOError(f"cannot write {dest_text}: {describe_oserror(err)}") from err
     meter = Meter(progress, None)
     send_chunks, receive_chunks = trio.open_memory_channel[bytes](1)
     extracted: _Extracted | None = None
@@ -740,5 +745,6 @@ def _remove_staging(staging: str) -> None:
         for name in subdirs:
             path = os.path.join(parent, name)
             if not os.path.islink(path):
-                os.chmod(path, 0o700)
+                with contextlib.suppress(OSError):  # rmtree reports what stays
+                    os.chmod(path, 0o700)
     shutil.rmtree(staging, ignore_errors=True)

@@ -202,7 +202,9 @@ def extract(stream: Stream, tree_fd: int) -> Staged:
             # tarfile also ends quietly at a bare end of data; a complete
             # archive has its zero end block at tar.offset.
             end = tar.offset
-    except (tarfile.TarError, EOFError, OverflowError) as err:  # overflow: absurd mtimes
+    # ValueError, OverflowError: absurd numbers in a header (a NaN or far-off
+    # mtime, a negative size).
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as err:
         raise InvalidArgument(f"truncated or corrupt archive at entry {current}: {err}") from err
     finally:
         tree.forget()
@@ -222,6 +224,10 @@ def extract(stream: Stream, tree_fd: int) -> Staged:
         try:
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
+        except OverflowError as err:
+            raise InvalidArgument(
+                f"archive entry {'/'.join(parts) or '.'} has an absurd mtime"
+            ) from err
         finally:
             os.close(fd)
     tree.forget()

@@ -41,7 +41,8 @@ Source = str | os.PathLike[str] | AsyncReader
 Destination = str | os.PathLike[str] | AsyncWriter
 
 
-def _describe(err: OSError) -> str:
+def describe_oserror(err: OSError) -> str:
+    """An OSError as a short reason for a message (no errno, no path)."""
     return err.strerror or str(err)
 
 
@@ -101,7 +102,7 @@ def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
         except BaseException as exc:
             pool.give_back(buffer)
             if isinstance(exc, OSError):
-                raise LocalIOError(f"cannot read {name}: {_describe(exc)}") from exc
+                raise LocalIOError(f"cannot read {name}: {describe_oserror(exc)}") from exc
             raise
         return Chunk(buffer, got or 0, pool.give_back)
 
@@ -152,7 +153,7 @@ async def open_source(source: Source, chunk_size: int) -> AsyncIterator[ChunkRea
     try:
         file = await trio.to_thread.run_sync(open_file)
     except OSError as err:
-        raise LocalIOError(f"cannot open {name}: {_describe(err)}") from err
+        raise LocalIOError(f"cannot open {name}: {describe_oserror(err)}") from err
     try:
         yield ChunkReader(_file_read_fn(file, name, chunk_size), chunk_size)
     finally:
@@ -194,7 +195,7 @@ def _file_write_fn(fd: int, name: str) -> _WriteFn:
         try:
             await trio.to_thread.run_sync(write_all, data)
         except OSError as err:
-            raise LocalIOError(f"cannot write {name}: {_describe(err)}") from err
+            raise LocalIOError(f"cannot write {name}: {describe_oserror(err)}") from err
 
     return write
 
@@ -232,7 +233,7 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
     try:
         fd = await trio.to_thread.run_sync(create)
     except OSError as err:
-        raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
+        raise LocalIOError(f"cannot write {final_path}: {describe_oserror(err)}") from err
     committed = False
     try:
         yield ChunkWriter(_file_write_fn(fd, str(final_path)))
@@ -243,7 +244,7 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
             # take long enough to stall every other task.
             await trio.to_thread.run_sync(os.replace, part, final_path)
         except OSError as err:
-            raise LocalIOError(f"cannot write {final_path}: {_describe(err)}") from err
+            raise LocalIOError(f"cannot write {final_path}: {describe_oserror(err)}") from err
         committed = True
     finally:
         if fd != -1:
