@@ -20,6 +20,7 @@ import boxfiles
 from boxfiles._bridge import ServerCall
 from boxfiles._progress import INTERVAL
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from boxfiles._tarstream import MAX_HEADER_READ
 
 from .conftest import Leaks, assert_no_asyncio_tasks
 from .rig import Record, recv_all, scripted_server
@@ -396,6 +397,10 @@ HOSTILE = {
     ),
     "two-top-level": tar_bytes((entry("d", tarfile.DIRTYPE), None), (entry("other"), b"x")),
     "garbage": os.urandom(4096),
+    "huge-pax-header": tar_bytes(
+        (entry("d", tarfile.DIRTYPE), None),
+        (with_pax(entry("d/f"), comment="c" * (MAX_HEADER_READ + 1)), b"x"),
+    ),
 }
 
 

@@ -13,10 +13,12 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 import trio
 
 import boxfiles
+from boxfiles._bridge import FRAME_LIMIT
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 
 from .conftest import BytesReader
@@ -123,13 +125,15 @@ async def test_download_from_grpcio(sock_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "m.tar").exists()
 
 
-async def test_unix_authority_is_localhost(sock_dir: Path) -> None:
-    # Read the request's HEADERS frame off the socket with a bare h2 server.
+async def test_bare_h2_view_of_a_call(sock_dir: Path) -> None:
+    # Read the client's SETTINGS and the request's HEADERS off the socket
+    # with a bare h2 server.
     path = sock_dir / "raw.sock"
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(str(path))
     listener.listen(1)
     headers: dict[bytes, bytes] = {}
+    settings: dict[int, int] = {}
 
     async def accept_one() -> None:
         conn, _ = await listener.accept()
@@ -142,6 +146,8 @@ async def test_unix_authority_is_localhost(sock_dir: Path) -> None:
                 if not data:
                     return
                 for event in h2conn.receive_data(data):
+                    if isinstance(event, h2.events.RemoteSettingsChanged):
+                        settings.update({k: v.new_value for k, v in event.changed_settings.items()})
                     if isinstance(event, h2.events.RequestReceived):
                         headers.update(dict(event.headers or []))
                 await conn.send(h2conn.data_to_send())
@@ -157,3 +163,5 @@ async def test_unix_authority_is_localhost(sock_dir: Path) -> None:
                         pass  # the bare server never answers properly
     assert headers[b":authority"] == b"localhost"
     assert headers[b":path"] == b"/boxlite.v1.Files/Upload"
+    # Peers may send frames of up to FRAME_LIMIT, not HTTP/2's 16 KiB.
+    assert settings[h2.settings.SettingCodes.MAX_FRAME_SIZE] == FRAME_LIMIT

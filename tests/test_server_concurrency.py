@@ -8,10 +8,12 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.events
 import pytest
 import trio
 
 import boxfiles
+from boxfiles._bridge import FRAME_LIMIT
 from boxfiles._proto.files_pb2 import UploadChunk
 
 from .test_server_rows import (
@@ -201,3 +203,41 @@ async def test_malformed_grpc_message(server: str, root: Path) -> None:
     await wait_for_no_staging(root)
     await upload(server, files(f=b"fine"), "/f")
     assert os.listdir(root) == ["f"]
+
+
+async def test_large_frame_read_together_with_the_settings_ack(server: str, root: Path) -> None:
+    # The server lets clients send frames of up to FRAME_LIMIT. A client may
+    # do so as soon as it has acknowledged that setting, so the ACK and such a
+    # frame can reach the server in one read.
+    payload = os.urandom(FRAME_LIMIT)
+    message = grpc_message(
+        UploadChunk(dest_path="/big", data=archive(member("big", payload)), mkdir_parents=True)
+    )
+    stream = await trio.open_unix_socket(server.removeprefix("unix:"))
+    client = RawClient(stream)
+    conn = client.conn
+    async with stream:
+        await stream.send_all(conn.data_to_send())
+        with trio.fail_after(5):
+            while (
+                conn.remote_settings.max_frame_size != FRAME_LIMIT
+                or conn.outbound_flow_control_window < len(message)
+            ):
+                data = await stream.receive_some()
+                assert data, "the server closed before announcing its settings"
+                conn.receive_data(data)
+        # One write: the ACK, the HEADERS, and a DATA frame of FRAME_LIMIT bytes.
+        sid = await client.start_upload(message[:FRAME_LIMIT])
+        conn.send_data(sid, message[FRAME_LIMIT:], end_stream=True)
+        await stream.send_all(conn.data_to_send())
+        trailers: dict[bytes, bytes] = {}
+        with trio.fail_after(5):
+            while not trailers:
+                data = await stream.receive_some()
+                assert data, "the server closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers or [])
+                await stream.send_all(conn.data_to_send())
+    assert trailers[b"grpc-status"] == b"0"
+    assert (root / "big").read_bytes() == payload

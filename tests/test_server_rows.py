@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -25,6 +27,7 @@ from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
 from boxfiles._server import STAGING_PREFIX
 from boxfiles._supervise import one_error
 from boxfiles._target import UnixTarget
+from boxfiles._tarstream import MAX_HEADER_READ
 from boxfiles._wire import DOWNLOAD, UPLOAD
 
 MiB = 1024 * 1024
@@ -84,6 +87,12 @@ def archive(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return out.getvalue()
+
+
+def huge_pax_header(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info, data = member(name, b"x")
+    info.pax_headers = {"comment": "c" * (MAX_HEADER_READ + 1)}
+    return info, data
 
 
 def files(**contents: bytes) -> bytes:
@@ -381,6 +390,12 @@ HOSTILE = [
     pytest.param(archive(member("null", type=tarfile.CHRTYPE)), "null: device", id="char-device"),
     pytest.param(archive(member("sda", type=tarfile.BLKTYPE)), "sda: device", id="block-device"),
     pytest.param(archive(member("pipe", type=tarfile.FIFOTYPE)), "pipe: device", id="fifo"),
+    pytest.param(
+        # A PAX header is read whole into memory: one over a MiB is refused.
+        archive(member("ok", b"fine"), huge_pax_header("f")),
+        "header of .* bytes is too large",
+        id="huge-pax-header",
+    ),
 ]
 
 
@@ -522,6 +537,35 @@ async def test_staging_names_are_reserved(server: str, tree: Path, path: str) ->
     )
     with pytest.raises(boxfiles.InvalidArgument, match="reserved for upload staging"):
         await download(server, path)
+
+
+def gnu_tar() -> bool:
+    tar = shutil.which("tar")
+    if tar is None:
+        return False
+    return "GNU tar" in subprocess.run([tar, "--version"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not gnu_tar(), reason="needs GNU tar to write sparse archive members")
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+async def test_sparse_member(server: str, root: Path, tmp_path: Path, tar_format: str) -> None:
+    # Sparse members keep their data in pieces with a map of the holes; they
+    # are extracted through tarfile's map rather than copied straight through.
+    holes = tmp_path / "holes"
+    with open(holes, "wb") as f:
+        f.seek(3 * MiB)
+        f.write(b"middle")
+        f.seek(8 * MiB)
+        f.write(b"end")
+    made = await trio.run_process(
+        ["tar", "--sparse", f"--format={tar_format}", "-cf", "-", "-C", str(tmp_path), "holes"],
+        capture_stdout=True,
+    )
+    data = made.stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getmembers()[0].sparse is not None  # what this test is about
+    await upload(server, data, "/holes")
+    assert (root / "holes").read_bytes() == holes.read_bytes()
 
 
 async def test_deeply_nested_entry_is_invalid_argument(server: str, tree: Path) -> None:

@@ -126,6 +126,58 @@ async def test_empty_source_sends_exactly_one_chunk(sock_dir: Path) -> None:
     assert record.ended_cleanly
 
 
+def evict(path: Path, start: int, end: int) -> bool:
+    """Drop ``path``'s pages in [start, end) from the page cache; False if
+    this file system keeps them (tmpfs does)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(4096)], start, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+async def test_file_partly_outside_the_page_cache(sock_dir: Path, tmp_path: Path) -> None:
+    # Cached data is read without blocking, the rest in a worker thread; the
+    # chunk that straddles the two (1.5 to 2.25 MiB) still goes out whole.
+    size, chunk = 4 * MiB + 123, 768 * 1024
+    data = os.urandom(size)
+    source = tmp_path / "src.tar"
+    source.write_bytes(data)
+    # From 2 MiB on: the kernel keeps file pages in folios of up to 2 MiB,
+    # which it drops only whole.
+    if not evict(source, 2 * MiB, size):
+        pytest.skip("this file system cannot drop a file's pages from the page cache")
+    async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
+        await client.upload_tar(source, "/dest", chunk_size=chunk)
+    (record,) = srv.records
+    assert record.data == data
+    assert [len(c.data) for c in record.chunks] == [chunk] * 5 + [size - 5 * chunk]
+
+
+async def test_fifo_is_a_source(sock_dir: Path, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, feed)
+            await client.upload_tar(fifo, "/dest")
+    (record,) = srv.records
+    assert record.data == data
+    assert all(0 < len(c.data) <= boxfiles.DEFAULT_CHUNK_SIZE for c in record.chunks)
+
+
 async def test_trio_file_object_is_a_source(sock_dir: Path, tmp_path: Path) -> None:
     data = os.urandom(300_000)
     (tmp_path / "a.tar").write_bytes(data)

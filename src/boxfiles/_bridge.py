@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -28,7 +29,10 @@ import grpclib.client
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
+import h2.connection
 import h2.exceptions
+import h2.settings
+import h2.stream
 import hyperframe.frame
 import trio
 from google.protobuf.message import Message
@@ -59,11 +63,14 @@ RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
 SendT_contra = TypeVar("SendT_contra", bound=Message, contravariant=True)
 T = TypeVar("T")
 
-#: Largest DATA frame handed to h2. Its serialisation copies a frame several
-#: times; kept under glibc's mmap threshold (128 KiB), those copies reuse heap
-#: memory instead of faulting in fresh pages for every frame, which more than
-#: halves the CPU an upload costs when the peer allows 1 MiB frames.
-SEND_FRAME_LIMIT = 120 * 1024
+#: Largest DATA frame sent, and accepted (SETTINGS_MAX_FRAME_SIZE), by this
+#: side. HTTP/2's default of 16 KiB makes a 1 MiB message 64 frames, each
+#: parsed, flow-controlled and buffered on its own by h2 and grpclib: most of
+#: what receiving costs. Much larger frames cost more than they save: h2 and
+#: grpclib copy each received frame whole, and a copy over glibc's mmap
+#: threshold (128 KiB) faults in fresh pages every time; so does the
+#: transport's copy of a sent frame the socket did not take at once.
+FRAME_LIMIT = 120 * 1024
 
 
 def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -79,6 +86,7 @@ if "_body_repr" not in hyperframe.frame.DataFrame.__dict__:
 #: Unsent bytes the transport may hold before the sender waits (asyncio's
 #: default is 64 KiB); low water is a quarter of it.
 WRITE_BUFFER_HIGH = 256 * 1024
+
 
 #: How long a shielded clean-up (stream reset, channel close) may take before
 #: it is abandoned; these never wait on the peer, so this is only a backstop.
@@ -214,16 +222,50 @@ class ClientCall(Generic[SendT, RecvT]):
         await self._call(self._stream.recv_trailing_metadata())
 
 
+def send_data_frame(
+    h2_connection: h2.connection.H2Connection, stream_id: int, payload: memoryview
+) -> tuple[bytes, memoryview]:
+    """One DATA frame as h2's ``send_data`` would make it, without its copies.
+
+    h2 copies a frame's payload five times on the way to the socket (to
+    bytes, into the frame, behind its header, into its buffer, out of it);
+    at upload rates that is most of the CPU an upload costs. This does h2's
+    bookkeeping for the frame (state checks, both flow-control windows) and
+    hands back what to write: whatever h2 had queued before it plus the
+    frame header, then the payload itself. The caller checks the window and
+    the peer's frame size limit first, as h2's ``send_data`` requires.
+
+    Raises:
+        h2.exceptions.ProtocolError: the connection or stream cannot send
+            data (closed or reset), exactly as ``send_data`` would.
+    """
+    size = len(payload)
+    h2_connection.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+    h2_stream = h2_connection.streams[stream_id]
+    h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+    h2_stream.outbound_flow_control_window -= size
+    h2_connection.outbound_flow_control_window -= size
+    header = _DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA_FRAME_TYPE, 0, stream_id)
+    return h2_connection.data_to_send() + header, payload
+
+
+#: HTTP/2 frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
+_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA_FRAME_TYPE = hyperframe.frame.DataFrame.type
+
+
 async def _send_encoded(
     stream: grpclib.client.Stream[Any, Any], messages: tuple[bytes | memoryview, ...]
 ) -> None:
     # grpclib's own send path copies every message three more times (protobuf
     # serialisation, prefix concatenation, a BytesIO read per frame) before
-    # h2 copies it again; this is its loop with memoryview slices instead.
+    # h2 copies it five more; this is its loop with memoryview slices, and
+    # frames written straight to the transport.
     with stream._wrapper:
         h2_stream = stream._stream
         connection = h2_stream.connection
         h2_connection = h2_stream._h2_connection
+        transport = h2_stream._transport
         stream_id = h2_stream.id
         assert stream_id is not None  # the request was sent when the call opened
         for message in messages:
@@ -235,11 +277,9 @@ async def _send_encoded(
                     h2_stream.window_updated.clear()
                     await h2_stream.window_updated.wait()
                     continue  # other streams may have used the window meanwhile
-                size = min(
-                    window, h2_connection.max_outbound_frame_size, len(view), SEND_FRAME_LIMIT
-                )
-                h2_connection.send_data(stream_id, view[:size])
-                h2_stream._transport.write(h2_connection.data_to_send())
+                size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
+                for piece in send_data_frame(h2_connection, stream_id, view[:size]):
+                    transport.write(piece)
                 h2_stream.data_sent += size
                 connection.data_sent += size
                 connection.data_send_process()
@@ -325,14 +365,35 @@ async def _reset(stream: grpclib.client.Stream[Any, Any], exc: BaseException) ->
     await stream.__aexit__(type(exc), exc, exc.__traceback__)
 
 
+@final
+class _H2Protocol(H2Protocol):
+    """grpclib's HTTP/2 protocol, accepting frames up to FRAME_LIMIT."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        h2_connection = self.connection._connection
+        h2_connection.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: FRAME_LIMIT})
+        # Accept larger frames now rather than at the peer's ACK: h2 applies
+        # a new limit only from its next receive_data call on, so a large
+        # frame read together with the ACK would be refused as too long.
+        h2_connection.max_inbound_frame_size = FRAME_LIMIT
+        self.connection.flush()
+
+
+@final
+class _ClientChannel(grpclib.client.Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _H2Protocol(grpclib.client.Handler(), self._config, self._h2_config)
+
+
 async def _new_channel(target: Target) -> grpclib.client.Channel:
     if isinstance(target, UnixTarget):
-        channel = grpclib.client.Channel(path=target.path)
+        channel = _ClientChannel(path=target.path)
         # Peers behind a unix socket (tonic/hyper) reset calls whose
         # :authority is not a plain host name.
         channel._authority = "localhost"
         return channel
-    return grpclib.client.Channel(target.host, target.port)
+    return _ClientChannel(target.host, target.port)
 
 
 async def _close_channel(channel: grpclib.client.Channel) -> None:
@@ -471,7 +532,13 @@ class _Server(grpclib.server.Server):
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        # grpclib's own factory, with the protocol that announces larger frames.
+        self.__gc_step__()
+        handler = grpclib.server.Handler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        protocol = _H2Protocol(handler, self._config, self._h2_config)
         self._protocols.add(protocol)
         return protocol
 

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import errno
 import grp
-import io
 import os
 import pwd
 import secrets
@@ -35,6 +34,7 @@ from ._local import describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
 from ._supervise import supervise
+from ._tarstream import ChunkStream, next_member, open_archive, write_member
 from ._wire import DEFAULT_CHUNK_SIZE, check_container_id, check_path
 
 if TYPE_CHECKING:
@@ -357,37 +357,6 @@ async def copy_in(
 
 
 @final
-class _StreamReader:
-    """A blocking file-like reader for the extraction thread over a trio
-    channel of chunks. A chunk is replaced (and so freed) only inside
-    ``_refill``, in the trio thread that allocated it."""
-
-    def __init__(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
-        self._channel = channel
-        self._chunk = b""
-        self._start = 0
-        self.eof = False
-
-    async def _refill(self) -> None:
-        try:
-            chunk = await self._channel.receive()
-        except trio.EndOfChannel:
-            self.eof = True
-            chunk = b""
-        self._chunk, self._start = chunk, 0
-
-    def read(self, size: int = -1) -> bytes:
-        while self._start == len(self._chunk) and not self.eof:
-            trio.from_thread.run(self._refill)
-        left = len(self._chunk) - self._start
-        take = left if size < 0 else min(size, left)
-        with memoryview(self._chunk) as view:
-            piece = bytes(view[self._start : self._start + take])
-        self._start += take
-        return piece
-
-
-@final
 @dataclass
 class _Extracted:
     """What the extraction thread made of the archive, relative to staging."""
@@ -408,7 +377,7 @@ def _safe_name(name: str) -> str:
     return "/".join(parts)
 
 
-def _extract(reader: _StreamReader, staging: str) -> _Extracted:
+def _extract(reader: ChunkStream, staging: str) -> _Extracted:
     """Unpack the stream into ``staging`` (blocking; a worker thread).
 
     ``staging`` is a fresh directory of ours; every decision is made from
@@ -419,15 +388,17 @@ def _extract(reader: _StreamReader, staging: str) -> _Extracted:
     kinds = out.kinds
     dir_meta: dict[str, tuple[int, int]] = {}
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|", bufsize=64 * 1024)  # type: ignore[call-overload]
+        tar = open_archive(reader)
     except tarfile.ReadError as err:
         if reader.eof:
             raise IncompleteTransfer("the server sent an empty or truncated archive") from err
         raise UnsafeArchive(f"the server sent a corrupt archive: {err}") from err
+    except (ValueError, OverflowError) as err:  # absurd numbers in the first header
+        raise UnsafeArchive(f"corrupt archive header: {err}") from err
     try:
         while True:
             try:
-                member = tar.next()
+                member = next_member(tar)
             except tarfile.ReadError as err:
                 if reader.eof:
                     raise IncompleteTransfer("the archive ended early") from err
@@ -437,7 +408,7 @@ def _extract(reader: _StreamReader, staging: str) -> _Extracted:
             if member is None:
                 break
             try:
-                _extract_one(tar, member, staging, kinds, dir_meta, out)
+                _extract_one(tar, member, reader, staging, kinds, dir_meta, out)
             except tarfile.ReadError as err:  # the data of a file ran out
                 raise IncompleteTransfer(f"the archive ended inside {member.name!r}") from err
             except (ValueError, OverflowError) as err:  # a NaN or far-off mtime, say
@@ -460,6 +431,7 @@ def _extract(reader: _StreamReader, staging: str) -> _Extracted:
 def _extract_one(
     tar: tarfile.TarFile,
     member: tarfile.TarInfo,
+    reader: ChunkStream,
     staging: str,
     kinds: dict[str, str],
     dir_meta: dict[str, tuple[int, int]],
@@ -499,7 +471,7 @@ def _extract_one(
         dir_meta[rel] = (mode, mtime)
         kinds[rel] = "dir"
     elif member.isreg():
-        _write_file(tar, member, path, mode, mtime)
+        _write_file(tar, member, reader, path, mode, mtime)
         kinds[rel] = "file"
     elif member.issym():
         os.symlink(member.linkname, path)
@@ -515,29 +487,17 @@ def _extract_one(
         kinds[rel] = "file"
 
 
-#: Bytes copied per step from the archive into a file being extracted: one
-#: reused buffer under glibc's mmap threshold, where reading whole chunks
-#: made a fresh, page-faulting mapping for every one.
-WRITE_PIECE = 64 * 1024
-
-
 def _write_file(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: int, mtime: int
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    reader: ChunkStream,
+    path: str,
+    mode: int,
+    mtime: int,
 ) -> None:
-    source = tar.extractfile(member)
-    assert isinstance(source, io.BufferedIOBase)  # a regular file's data: a buffered reader
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        left = member.size
-        piece = memoryview(bytearray(min(left, WRITE_PIECE)))
-        while left:
-            got = source.readinto(piece[: min(left, len(piece))])
-            if not got:
-                raise tarfile.ReadError("unexpected end of data")
-            view = piece[:got]
-            while view:
-                view = view[os.write(fd, view) :]
-            left -= got
+        write_member(tar, member, reader, fd)
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime, mtime))
     finally:
@@ -692,7 +652,7 @@ async def copy_out(
     async def extract() -> None:
         nonlocal extracted
         async with receive_chunks:
-            reader = _StreamReader(receive_chunks)
+            reader = ChunkStream(receive_chunks)
             try:
                 extracted = await trio.to_thread.run_sync(_extract, reader, staging)
             except OSError as err:

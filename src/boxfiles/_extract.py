@@ -14,61 +14,16 @@ import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, final
-
-import trio
+from typing import final
 
 from ._confine import DIR_FLAGS, Located, components, locate, make_dir
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from ._paxtime import mtime_ns
-
-#: Bytes copied per read from an archive member (and tarfile's read size).
-COPY_SIZE = 1024 * 1024
+from ._tarstream import ChunkStream, next_member, open_archive, write_member
 
 #: Permission bits kept from an archive: setuid and setgid are dropped, as an
 #: upload must not mint set-id executables owned by the server's user.
 MODE_MASK = 0o1777
-
-
-class Stream(Protocol):
-    """A blocking byte source that counts what it handed out."""
-
-    taken: int
-
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-@final
-class Feed:
-    """A blocking :class:`Stream` over a trio memory channel, read by the
-    extracting thread while the trio side keeps receiving (extraction
-    overlaps the transfer; the channel's capacity bounds what waits).
-
-    A read is a ``trio.from_thread.run`` call, so it inherits the host task's
-    cancellation: a cancelled upload stops the thread at its next read.
-    """
-
-    def __init__(self, receive: trio.MemoryReceiveChannel[bytes]) -> None:
-        self._receive = receive
-        self._data = b""
-        self._pos = 0
-        self.taken = 0
-
-    def read(self, size: int = -1, /) -> bytes:
-        if self._pos >= len(self._data):
-            try:
-                self._data = trio.from_thread.run(self._receive.receive)
-            except trio.EndOfChannel:
-                return b""
-            self._pos = 0
-        if self._pos == 0 and (size < 0 or size >= len(self._data)):
-            piece = self._data  # the common case: the whole chunk, no copy
-        else:
-            end = len(self._data) if size < 0 else self._pos + size
-            piece = self._data[self._pos : end]
-        self._pos += len(piece)
-        self.taken += len(piece)
-        return piece
 
 
 @final
@@ -167,7 +122,7 @@ class _Tree:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def extract(stream: Stream, tree_fd: int) -> Staged:
+def extract(stream: ChunkStream, tree_fd: int) -> Staged:
     """Extract the tar archive read from ``stream`` into the empty directory ``tree_fd``.
 
     Reads ``stream`` to its end, so a caller feeding it sees every byte taken.
@@ -184,20 +139,19 @@ def extract(stream: Stream, tree_fd: int) -> Staged:
     dirs: list[tuple[list[str], int, int]] = []
     current = "(first header)"
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_SIZE)  # type: ignore[call-overload]
+        tar = open_archive(stream)
     except tarfile.ReadError as err:
         raise InvalidArgument(f"not a tar archive: {err}") from err
+    except (ValueError, OverflowError) as err:  # absurd numbers in the first header
+        raise InvalidArgument(f"corrupt archive: {err}") from err
     try:
         with tar:
             while True:
-                member = tar.next()
-                # Stream mode keeps every header it read; drop them so memory
-                # does not grow with the number of entries.
-                tar.members.clear()
+                member = next_member(tar)
                 if member is None:
                     break
                 current = member.name
-                _extract_member(tar, member, tree, dirs, staged)
+                _extract_member(tar, member, stream, tree, dirs, staged)
                 current = f"(header after {member.name})"
             # tarfile also ends quietly at a bare end of data; a complete
             # archive has its zero end block at tar.offset.
@@ -208,8 +162,7 @@ def extract(stream: Stream, tree_fd: int) -> Staged:
         raise InvalidArgument(f"truncated or corrupt archive at entry {current}: {err}") from err
     finally:
         tree.forget()
-    while stream.read(COPY_SIZE):
-        pass
+    stream.drain()
     if stream.taken < end + tarfile.BLOCKSIZE:
         raise InvalidArgument(f"truncated archive: no end-of-archive block after {current}")
     # Directories last and deepest first, so adding their entries did not
@@ -238,6 +191,7 @@ def extract(stream: Stream, tree_fd: int) -> Staged:
 def _extract_member(
     tar: tarfile.TarFile,
     member: tarfile.TarInfo,
+    stream: ChunkStream,
     tree: _Tree,
     dirs: list[tuple[list[str], int, int]],
     staged: Staged,
@@ -283,12 +237,7 @@ def _extract_member(
             dir_fd=parent,
         )
         try:
-            data = tar.extractfile(member)
-            assert data is not None  # a regular file always has data
-            while piece := data.read(COPY_SIZE):
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view) :]
+            write_member(tar, member, stream, fd)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         finally:

@@ -37,10 +37,11 @@ from ._errors import (
     RemoteError,
     ResourceExhausted,
 )
-from ._extract import Feed, Placement, Staged, extract
+from ._extract import Placement, Staged, extract
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from ._supervise import one_error, supervise
 from ._target import TcpTarget, UnixTarget, parse_target
+from ._tarstream import ChunkStream
 from ._wire import (
     CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
@@ -358,7 +359,7 @@ class FilesService:
             async with receive_data:
                 try:
                     staged = await trio.to_thread.run_sync(
-                        extract, Feed(receive_data), staging.tree_fd
+                        extract, ChunkStream(receive_data), staging.tree_fd
                     )
                 except OSError as err:
                     raise _remote_from_os(err, f"extracting into {first.dest_path}") from err
