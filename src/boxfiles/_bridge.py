@@ -271,7 +271,11 @@ async def _send_encoded(
         for message in messages:
             view = memoryview(message)
             while view:
-                await connection.write_ready.wait()
+                # Every sender paused on a full transport wakes at once when
+                # it drains; the first to write can fill it again, and the
+                # rest must then wait once more, not all pile their frames on.
+                while not connection.write_ready.is_set():
+                    await connection.write_ready.wait()
                 window = h2_connection.local_flow_control_window(stream_id)
                 if window <= 0:
                     h2_stream.window_updated.clear()

@@ -21,6 +21,7 @@ from . import _copy
 from ._bridge import Channel, ClientCall, open_channel
 from ._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
 from ._local import (
+    BufferPool,
     ChunkReader,
     ChunkWriter,
     Destination,
@@ -58,6 +59,7 @@ class FilesClient:
     def __init__(self, channel: Channel, timeout: float | None) -> None:
         self._channel = channel
         self._timeout = timeout
+        self._buffers = BufferPool()
 
     @contextmanager
     def _deadline(self) -> Iterator[None]:
@@ -134,7 +136,7 @@ class FilesClient:
         check_chunk_size(chunk_size)
         check_progress(progress)
         with self._deadline():
-            async with open_source(source, chunk_size) as reader:
+            async with open_source(source, chunk_size, self._buffers) as reader:
                 reader = await metered_reader(reader, progress, source)
                 async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
                     response = await _upload(call, reader, first)

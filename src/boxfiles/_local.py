@@ -69,32 +69,117 @@ class _ReadFn(Protocol):
 #: Whether this platform can read without blocking on the disk (Linux 4.14+).
 _HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 
-#: Buffers a file source reads into and lends to the sender: one being read,
-#: CHANNEL_CAPACITY queued, one being sent.
+#: Chunk buffers one upload holds at most: one being read, CHANNEL_CAPACITY
+#: queued, one being sent.
 POOL_SIZE = CHANNEL_CAPACITY + 2
+
+#: Spare chunk buffers (beyond each upload's own one) that all of one
+#: client's uploads hold at most, together. One HTTP/2 connection carries
+#: them all, so past a few concurrent uploads more buffered chunks would not
+#: go out any sooner; they would only add memory per upload.
+CLIENT_POOL_SIZE = 16
 
 
 @final
-class _BufferPool:
-    """Chunk buffers, made on demand up to POOL_SIZE and then reused.
+class BufferPool:
+    """Chunk buffers shared by one client's uploads, made on demand and reused.
 
     Reuse is what keeps a large upload fast: every buffer is made and freed
     in the trio thread, so the allocator never hands out fresh (page
-    faulting) memory per chunk, and the pool bounds the memory in flight.
+    faulting) memory per chunk. Spares handed out, and free buffers kept,
+    are each at most ``limit``; a client with no upload running keeps none.
     """
 
-    def __init__(self, chunk_size: int) -> None:
-        self._size = HEADER_ROOM + chunk_size
+    def __init__(self, limit: int = CLIENT_POOL_SIZE) -> None:
+        self._limit = limit
+        self._spares_out = 0
         self._free: list[bytearray] = []
-        self._slots = trio.Semaphore(POOL_SIZE)
+        self._uploads = 0
+
+    def join(self) -> None:
+        """An upload starts drawing on the pool."""
+        self._uploads += 1
+
+    def leave(self, own: bytearray | None, spares: int) -> None:
+        """An upload ends: its own buffer (None if not free) and ``spares``
+        spares still counted as out (in chunks dropped on the way) return."""
+        self._uploads -= 1
+        self.give_back(own, spares=spares)
+        if not self._uploads:
+            self._free.clear()
+
+    def own(self, size: int) -> bytearray:
+        """A buffer for an upload to keep to itself while it runs."""
+        for i in range(len(self._free) - 1, -1, -1):
+            if len(self._free[i]) == size:
+                return self._free.pop(i)
+        return bytearray(size)
+
+    def spare(self, size: int) -> bytearray | None:
+        """A spare buffer, or None while ``limit`` are out."""
+        if self._spares_out >= self._limit:
+            return None
+        self._spares_out += 1
+        return self.own(size)
+
+    def give_back(self, buffer: bytearray | None, *, spares: int = 0) -> None:
+        """Take back ``buffer`` (None: nothing to reuse) and count ``spares``
+        (among them ``buffer``, if it is one) as no longer out."""
+        self._spares_out -= spares
+        if buffer is not None:
+            if len(self._free) >= self._limit:
+                self._free.pop(0)
+            self._free.append(buffer)
+
+
+@final
+class _UploadBuffers:
+    """One upload's buffers: one of its own, and spares from the client's
+    pool while it has them, POOL_SIZE in all at most.
+
+    The reader only ever waits for its own upload's buffers to come back.
+    Were it to wait on the shared pool, uploads a server is not reading yet
+    (it serves a few calls at a time, say) could hold every spare, and the
+    uploads it is reading would wait for ever.
+    """
+
+    def __init__(self, pool: BufferPool, chunk_size: int) -> None:
+        self._pool = pool
+        self._size = HEADER_ROOM + chunk_size
+        self._own: bytearray | None = None
+        self._own_free = False
+        self._spares = 0
+        self._returned = trio.lowlevel.ParkingLot()
+        self._closed = False
+        pool.join()
 
     async def take(self) -> bytearray:
-        await self._slots.acquire()
-        return self._free.pop() if self._free else bytearray(self._size)
+        while True:
+            if self._own is None:
+                self._own, self._own_free = self._pool.own(self._size), True
+            if self._own_free:
+                self._own_free = False
+                return self._own
+            if self._spares < POOL_SIZE - 1:
+                spare = self._pool.spare(self._size)
+                if spare is not None:
+                    self._spares += 1
+                    return spare
+            await self._returned.park()
 
     def give_back(self, buffer: bytearray) -> None:
-        self._free.append(buffer)
-        self._slots.release()
+        if self._closed:
+            return  # a chunk outlived its upload: its buffer is not reused
+        if buffer is self._own:
+            self._own_free = True
+        else:
+            self._spares -= 1
+            self._pool.give_back(buffer, spares=1)
+        self._returned.unpark_all()
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.leave(self._own if self._own_free else None, self._spares)
 
 
 def _read_nowait(fd: int, view: memoryview, offset: int) -> int:
@@ -114,8 +199,7 @@ def _read_nowait(fd: int, view: memoryview, offset: int) -> int:
         raise
 
 
-def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
-    pool = _BufferPool(chunk_size)
+def _file_read_fn(file: io.FileIO, name: str, buffers: _UploadBuffers) -> _ReadFn:
     fd = file.fileno()
     # Regular files are read at an offset of our own, first without blocking:
     # a chunk the page cache holds is copied right here, which costs less
@@ -131,7 +215,7 @@ def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
 
     async def read(max_bytes: int) -> Chunk:
         nonlocal offset
-        buffer = await pool.take()
+        buffer = await buffers.take()
         view = memoryview(buffer)[HEADER_ROOM : HEADER_ROOM + max_bytes]
         try:
             got = _read_nowait(fd, view, offset) if offset is not None else 0
@@ -141,13 +225,13 @@ def _file_read_fn(file: io.FileIO, name: str, chunk_size: int) -> _ReadFn:
                 at = None if offset is None else offset + got
                 got += await trio.to_thread.run_sync(read_blocking, view[got:], at)
         except BaseException as exc:
-            pool.give_back(buffer)
+            buffers.give_back(buffer)
             if isinstance(exc, OSError):
                 raise LocalIOError(f"cannot read {name}: {describe_oserror(exc)}") from exc
             raise
         if offset is not None:
             offset += got
-        return Chunk(buffer, got, pool.give_back)
+        return Chunk(buffer, got, buffers.give_back)
 
     return read
 
@@ -170,8 +254,12 @@ def _object_read_fn(reader: AsyncReader) -> _ReadFn:
 
 
 @asynccontextmanager
-async def open_source(source: Source, chunk_size: int) -> AsyncIterator[ChunkReader]:
+async def open_source(
+    source: Source, chunk_size: int, pool: BufferPool
+) -> AsyncIterator[ChunkReader]:
     """Open ``source`` (a path, or an object with async ``read``) for reading.
+
+    A file is read into buffers from ``pool``.
 
     Raises:
         LocalIOError: a path that cannot be opened, or is a directory.
@@ -197,9 +285,11 @@ async def open_source(source: Source, chunk_size: int) -> AsyncIterator[ChunkRea
         file = await trio.to_thread.run_sync(open_file)
     except OSError as err:
         raise LocalIOError(f"cannot open {name}: {describe_oserror(err)}") from err
+    buffers = _UploadBuffers(pool, chunk_size)
     try:
-        yield ChunkReader(_file_read_fn(file, name, chunk_size), chunk_size)
+        yield ChunkReader(_file_read_fn(file, name, buffers), chunk_size)
     finally:
+        buffers.close()
         file.close()
 
 
