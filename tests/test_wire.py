@@ -10,8 +10,8 @@ from boxfiles._proto.files_pb2 import DownloadChunk, UploadChunk
 from boxfiles._wire import Chunk, decode_download_chunk, encode_metadata_only, first_upload_chunk
 
 
-def unframe(frame: bytes | memoryview) -> UploadChunk:
-    frame = bytes(frame)
+def unframe(pieces: tuple[bytes | memoryview, ...] | bytes) -> UploadChunk:
+    frame = b"".join(pieces) if isinstance(pieces, tuple) else pieces
     assert frame[0] == 0  # not compressed
     assert int.from_bytes(frame[1:5], "big") == len(frame) - 5
     return UploadChunk.FromString(frame[5:])

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, fin
 import grpclib.client
 import grpclib.const
 import grpclib.exceptions
+import grpclib.protocol
 import grpclib.server
 import h2.connection
 import h2.exceptions
@@ -200,10 +202,11 @@ class ClientCall(Generic[SendT, RecvT]):
     async def send(self, message: SendT, *, end: bool = False) -> None:
         await self._call(self._stream.send_message(message, end=end))
 
-    async def send_encoded(self, *messages: bytes | memoryview) -> None:
+    async def send_encoded(self, *pieces: bytes | memoryview) -> None:
         """Send messages already encoded for the wire (5-byte gRPC prefix
-        included), in order; their bytes go to h2 without further copies."""
-        await self._call(_send_encoded(self._stream, messages))
+        included), given as pieces sent back to back, in order; their bytes
+        go to the socket without further copies."""
+        await self._call(_send_encoded(self._stream, pieces))
 
     async def end(self) -> None:
         await self._call(self._stream.end())
@@ -255,39 +258,75 @@ _DATA_FRAME_TYPE = hyperframe.frame.DataFrame.type
 
 
 async def _send_encoded(
-    stream: grpclib.client.Stream[Any, Any], messages: tuple[bytes | memoryview, ...]
+    stream: grpclib.client.Stream[Any, Any], pieces: tuple[bytes | memoryview, ...]
+) -> None:
+    with stream._wrapper:
+        await _send_data(stream._stream, pieces)
+
+
+async def _send_data(
+    h2_stream: grpclib.protocol.Stream, pieces: tuple[bytes | memoryview, ...]
 ) -> None:
     # grpclib's own send path copies every message three more times (protobuf
     # serialisation, prefix concatenation, a BytesIO read per frame) before
     # h2 copies it five more; this is its loop with memoryview slices, and
-    # frames written straight to the transport.
-    with stream._wrapper:
-        h2_stream = stream._stream
-        connection = h2_stream.connection
-        h2_connection = h2_stream._h2_connection
-        transport = h2_stream._transport
-        stream_id = h2_stream.id
-        assert stream_id is not None  # the request was sent when the call opened
-        for message in messages:
-            view = memoryview(message)
-            while view:
-                # Every sender paused on a full transport wakes at once when
-                # it drains; the first to write can fill it again, and the
-                # rest must then wait once more, not all pile their frames on.
+    # frames written straight to the transport. The pieces are one byte
+    # stream: where a message or piece ends does not matter to the frames.
+    connection = h2_stream.connection
+    h2_connection = h2_stream._h2_connection
+    transport = h2_stream._transport
+    stream_id = h2_stream.id
+    assert stream_id is not None  # headers went first
+    writing = _write_lock(connection)
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            if h2_connection.local_flow_control_window(stream_id) <= 0:
+                h2_stream.window_updated.clear()
+                await h2_stream.window_updated.wait()
+                continue
+            async with writing:
                 while not connection.write_ready.is_set():
                     await connection.write_ready.wait()
+                # Other streams may have used the connection's window meanwhile.
                 window = h2_connection.local_flow_control_window(stream_id)
                 if window <= 0:
-                    h2_stream.window_updated.clear()
-                    await h2_stream.window_updated.wait()
-                    continue  # other streams may have used the window meanwhile
+                    continue
                 size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
-                for piece in send_data_frame(h2_connection, stream_id, view[:size]):
-                    transport.write(piece)
-                h2_stream.data_sent += size
-                connection.data_sent += size
-                connection.data_send_process()
-                view = view[size:]
+                for part in send_data_frame(h2_connection, stream_id, view[:size]):
+                    transport.write(part)
+            h2_stream.data_sent += size
+            connection.data_sent += size
+            connection.data_send_process()
+            view = view[size:]
+
+
+#: One lock per connection for the streams writing to it: a transport that
+#: drains wakes every waiter at once, and one frame can fill it again, so
+#: the senders take turns instead of all waking to find it full.
+_WRITE_LOCKS: weakref.WeakKeyDictionary[grpclib.protocol.Connection, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _write_lock(connection: grpclib.protocol.Connection) -> asyncio.Lock:
+    lock = _WRITE_LOCKS.get(connection)
+    if lock is None:
+        lock = _WRITE_LOCKS[connection] = asyncio.Lock()
+    return lock
+
+
+async def _send_reply(stream: grpclib.server.Stream[Any, Any], message: Message) -> None:
+    # grpclib's server send_message (its bookkeeping included), with the
+    # encoded message framed as the client frames its own.
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    body = message.SerializeToString()
+    await _send_data(stream._stream, (b"\x00" + len(body).to_bytes(4, "big"), body))
+    stream._send_message_done = True
+    stream._messages_sent += 1
+    stream._stream.connection.messages_sent += 1
+    stream._stream.connection.last_message_sent = time.monotonic()
 
 
 async def _recv_encoded(stream: grpclib.client.Stream[Any, Any]) -> bytes | None:
@@ -464,7 +503,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         return await _run(self._loop, self._stream.recv_message(), "receiving from the client")
 
     async def send(self, message: SendT, /) -> None:
-        await _run(self._loop, self._stream.send_message(message), "sending to the client")
+        await _run(self._loop, _send_reply(self._stream, message), "sending to the client")
 
     def abort_connection(self) -> None:
         self._stream._stream.connection._transport.abort()

@@ -393,8 +393,12 @@ async def _upload(
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 # The metadata rides on the first chunk only.
-                frames = [c.framed(pending if i == 0 else None) for i, c in enumerate(batch)]
-                await call.send_encoded(*frames)
+                pieces = [
+                    piece
+                    for i, c in enumerate(batch)
+                    for piece in c.framed(pending if i == 0 else None)
+                ]
+                await call.send_encoded(*pieces)
                 for sent in batch:
                     sent.release()
                 pending = None

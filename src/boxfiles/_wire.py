@@ -148,18 +148,21 @@ class Chunk:
     def data(self) -> memoryview:
         return memoryview(self._buffer)[HEADER_ROOM : HEADER_ROOM + self.size]
 
-    def framed(self, first: UploadChunk | None = None) -> memoryview | bytes:
+    def framed(self, first: UploadChunk | None = None) -> tuple[bytes | memoryview, ...]:
         """The gRPC message for this chunk: ``first``'s metadata (when given)
-        and the data, as an encoded UploadChunk behind its 5-byte prefix."""
+        and the data, as an encoded UploadChunk behind its 5-byte prefix.
+
+        Its pieces are sent back to back; the data is never copied.
+        """
         field = bytes([_DATA_TAG]) + _varint(self.size)
         if first is not None:
             # Protobuf allows fields in any order: metadata, then the data.
             body = first.SerializeToString() + field
-            return b"".join((_prefix(len(body) + self.size), body, self.data))
+            return _prefix(len(body) + self.size) + body, self.data
         header = _prefix(len(field) + self.size) + field
         start = HEADER_ROOM - len(header)
         self._buffer[start:HEADER_ROOM] = header
-        return memoryview(self._buffer)[start : HEADER_ROOM + self.size]
+        return (memoryview(self._buffer)[start : HEADER_ROOM + self.size],)
 
     def release(self) -> None:
         if self._release is not None:

@@ -521,6 +521,43 @@ def scale(data: Data, sock_dir: Path, root: Path, logs: Path, rounds: int) -> di
     return out
 
 
+def flatness(
+    data: Data, data_dir: Path, sock_dir: Path, logs: Path, size: int, rounds: int
+) -> dict[str, Any]:
+    """Client RSS of one upload of ``size`` and of four times as much: flat
+    memory means the second is no larger."""
+    big = data_dir / f"payload-{human(4 * size)}.bin"
+    if not big.exists() or big.stat().st_size != 4 * size:
+        print(f"generating {big} ...", flush=True)
+        _write_random(big, 4 * size)
+    with open(big, "rb", buffering=0) as f:  # page cache warm, as for the others
+        while f.read(16 * MiB):
+            pass
+    peaks: dict[int, list[float]] = {size: [], 4 * size: []}
+    with server(
+        "grpcio", f"unix:{sock_dir}/flat.sock", data.root, logs / "server-grpcio.log"
+    ) as srv:
+        for _ in range(rounds):
+            for n, path in ((size, data.payload), (4 * size, big)):
+                r = run_client(
+                    ["boxfiles", "upload", "--target", srv.target, "--file", str(path)],
+                    logs / "client-boxfiles.log",
+                )
+                peaks[n].append(r["rss_delta_kib"] / 1024)
+    out: dict[str, Any] = {
+        human(n): {"client_rss_delta_mib_max": max(v), "client_rss_delta_mib_min": min(v)}
+        for n, v in peaks.items()
+    }
+    out["growth_mib"] = max(peaks[4 * size]) - max(peaks[size])
+    print(
+        f"flat (boxfiles upload -> grpcio sink): dRSS {human(size)} {max(peaks[size]):.1f} MiB, "
+        f"{human(4 * size)} {max(peaks[4 * size]):.1f} MiB (max over rounds); "
+        f"growth {out['growth_mib']:+.1f} MiB",
+        flush=True,
+    )
+    return out
+
+
 def small_files(
     data: Data, sock_dir: Path, root: Path, logs: Path, rounds: int, copy: bool
 ) -> dict[str, Any]:
@@ -646,6 +683,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         check("scale: 32 streams aggregate >= 1.0x single", ratio, ratio >= 1.0)
         mib = scale_result["32"]["client_rss_delta_mib_max"]
         check("scale: 32-stream client dRSS <= 192 MiB", mib, mib <= 32 * 6)
+    flat = result.get("flat")
+    if flat:
+        growth = flat["growth_mib"]
+        check(
+            "flat: 4x upload client dRSS within 1 MiB of 1x",
+            growth,
+            growth <= 1 if result["size"] >= 2**30 else None,
+        )
     small = result.get("small_files", {})
     if "boxfiles copy_in" in small:
         ratio = (
@@ -716,7 +761,9 @@ def main() -> int:
     )
     parser.add_argument("--trials", type=int, default=50, help="promptness trials (default 50)")
     parser.add_argument(
-        "--only", default="main,prompt,scale,small", help="comma list of: main,prompt,scale,small"
+        "--only",
+        default="main,prompt,scale,small,flat",
+        help="comma list of: main,prompt,scale,small,flat (flat uploads 4x --size once per round)",
     )
     parser.add_argument(
         "--match", default="", help="run only main-table configurations containing this text"
@@ -768,6 +815,10 @@ def main() -> int:
             result["scale"] = scale(data, sock_dir, data.root, logs, args.rounds)
         if "small" in sections:
             result["small_files"] = small_files(data, sock_dir, data.root, logs, args.rounds, copy)
+        if "flat" in sections:
+            result["flat"] = flatness(
+                data, args.data_dir or args.out / "data", sock_dir, logs, args.size, args.rounds
+            )
         result["targets"] = targets(result)
     finally:
         for proc in list(LIVE):  # Ctrl-C or a failure: no child outlives the bench
