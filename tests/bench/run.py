@@ -332,6 +332,10 @@ def run_config(
                 else:
                     src = "/payload.bin" if cfg.server == "boxfiles" else str(data.payload)
                     args += ["--file", str(dest), "--src", src]
+                # The reference server writes what it receives to disk: start
+                # every run with no dirty pages left by the one before, so no
+                # row pays for another's writeback.
+                os.sync()
                 base = srv.reset_peak()
                 result = run_client(args, logs / f"client-{row.kind}.log")
                 result.update(
