@@ -53,7 +53,10 @@ class FilesClient:
     """A connection to a ``boxlite.v1.Files`` server. Made by :func:`open_client`.
 
     Calls may run concurrently from several tasks; each is one HTTP/2 stream
-    on the shared connection.
+    on the shared connection. Concurrent file uploads share a bounded pool
+    of chunk buffers: each holds one of its own and at most POOL_SIZE in
+    all, and together they hold at most CLIENT_POOL_SIZE more, so memory
+    grows by one chunk per upload, not six.
     """
 
     def __init__(self, channel: Channel, timeout: float | None) -> None:
