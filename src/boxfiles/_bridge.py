@@ -89,7 +89,6 @@ if "_body_repr" not in hyperframe.frame.DataFrame.__dict__:
 #: default is 64 KiB); low water is a quarter of it.
 WRITE_BUFFER_HIGH = 256 * 1024
 
-
 #: How long a shielded clean-up (stream reset, channel close) may take before
 #: it is abandoned; these never wait on the peer, so this is only a backstop.
 CLEANUP_TIMEOUT = 5.0
@@ -225,6 +224,11 @@ class ClientCall(Generic[SendT, RecvT]):
         await self._call(self._stream.recv_trailing_metadata())
 
 
+#: HTTP/2 frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
+_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA_FRAME_TYPE = hyperframe.frame.DataFrame.type
+
+
 def send_data_frame(
     h2_connection: h2.connection.H2Connection, stream_id: int, payload: memoryview
 ) -> tuple[bytes, memoryview]:
@@ -250,11 +254,6 @@ def send_data_frame(
     h2_connection.outbound_flow_control_window -= size
     header = _DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA_FRAME_TYPE, 0, stream_id)
     return h2_connection.data_to_send() + header, payload
-
-
-#: HTTP/2 frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
-_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
-_DATA_FRAME_TYPE = hyperframe.frame.DataFrame.type
 
 
 async def _send_encoded(

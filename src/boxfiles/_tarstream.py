@@ -69,8 +69,10 @@ class ChunkStream:
         Raises:
             tarfile.ReadError: ``size`` is negative or over MAX_HEADER_READ.
         """
-        if not 0 <= size <= MAX_HEADER_READ:
+        if size > MAX_HEADER_READ:
             raise tarfile.ReadError(f"archive header of {size} bytes is too large")
+        if size < 0:
+            raise tarfile.ReadError(f"archive header declares a negative size ({size})")
         pieces = []
         left = size
         while left and (got := self._available()):
