@@ -1,6 +1,12 @@
-"""The bridge's own HTTP/2 shortcut for DATA frames, checked against h2 doing the same."""
+"""The bridge's own HTTP/2 shortcut for DATA frames, checked against h2 doing the
+same, and the sockets it sends through."""
 
 from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -9,7 +15,10 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from boxfiles._bridge import FRAME_LIMIT, send_data_frame
+import boxfiles
+from boxfiles._bridge import FRAME_LIMIT, UNIX_SEND_BUFFER, send_data_frame
+
+from .conftest import BytesReader, tar_of
 
 HEADERS = [
     (":method", "POST"),
@@ -64,3 +73,46 @@ def test_refused_on_a_stream_that_has_ended() -> None:
     with pytest.raises(h2.exceptions.ProtocolError):
         send_data_frame(conn, sid, memoryview(b"late"))
     assert conn.outbound_flow_control_window == window
+
+
+def unix_sockets_of_this_process() -> Iterator[socket.socket]:
+    """Every unix stream socket this process has open, each as a duplicate."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            dup = os.dup(int(fd))
+        except OSError:
+            continue  # closed meanwhile (e.g. the listing's own descriptor)
+        with socket.socket(fileno=dup) as sock:
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                yield sock
+
+
+def peer_name(sock: socket.socket) -> str | None:
+    try:
+        name: str = sock.getpeername()
+    except OSError:
+        return None  # a listener
+    return name
+
+
+async def test_unix_connections_send_through_a_chunk_sized_buffer(server: str) -> None:
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # Linux doubles the size asked for (room for its bookkeeping) and caps the
+    # request at net.core.wmem_max.
+    expected = 2 * min(UNIX_SEND_BUFFER, wmem_max)
+    if expected <= default:
+        pytest.skip(f"net.core.wmem_max ({wmem_max}) allows no more than the default buffer")
+    path = server.removeprefix("unix:")
+    async with boxfiles.open_client(server) as client:
+        await client.upload_tar(BytesReader(tar_of({"f": b"x"})), "/d")
+        ends: dict[str, int] = {}
+        for sock in unix_sockets_of_this_process():
+            peer = peer_name(sock)
+            if peer is not None and path in (peer, sock.getsockname()):
+                side = "client" if peer == path else "server"
+                ends[side] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert ends == {"client": expected, "server": expected}

@@ -13,8 +13,10 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import FRAME_LIMIT
+from boxfiles._bridge import FRAME_LIMIT, open_channel
 from boxfiles._proto.files_pb2 import UploadChunk
+from boxfiles._target import parse_target
+from boxfiles._wire import UPLOAD
 
 from .test_server_rows import (
     archive,
@@ -203,6 +205,29 @@ async def test_malformed_grpc_message(server: str, root: Path) -> None:
     await wait_for_no_staging(root)
     await upload(server, files(f=b"fine"), "/f")
     assert os.listdir(root) == ["f"]
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        pytest.param(None, id="first-chunk"),
+        pytest.param(grpc_message(UploadChunk(data=b"x" * 512)), id="later-chunk"),
+    ],
+)
+async def test_malformed_upload_chunk(server: str, root: Path, later: bytes | None) -> None:
+    # Well framed gRPC, but not a protobuf message: a bytes field (dest_path)
+    # declaring 127 bytes where 2 follow.
+    bad = b"\x00\x00\x00\x00\x04" + b"\x0a\x7f/x"
+    first = grpc_message(UploadChunk(dest_path="/m", data=archive(member("m", b"m" * 4096))))
+    messages = [bad] if later is None else [first, bad]
+    async with open_channel(parse_target(server)) as channel:
+        async with channel.open_call(UPLOAD) as call:
+            await call.send_encoded(*messages)
+            await call.end()
+            with pytest.raises(boxfiles.InvalidArgument, match="malformed UploadChunk"):
+                await call.recv()
+    await wait_for_no_staging(root)
+    assert os.listdir(root) == []
 
 
 async def test_large_frame_read_together_with_the_settings_ack(server: str, root: Path) -> None:

@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boxfiles._proto.files_pb2 import DownloadChunk, UploadChunk
-from boxfiles._wire import Chunk, decode_download_chunk, encode_metadata_only, first_upload_chunk
+from boxfiles._wire import (
+    Chunk,
+    decode_download_chunk,
+    decode_upload_chunk,
+    encode_metadata_only,
+    first_upload_chunk,
+)
 
 
 def unframe(pieces: tuple[bytes | memoryview, ...] | bytes) -> UploadChunk:
@@ -78,3 +84,50 @@ def test_unknown_fields_are_skipped() -> None:
 def test_malformed_download_chunks_are_refused(body: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 -- each case has its own reason
         decode_download_chunk(body)
+
+
+@given(
+    data=st.binary(max_size=3000),
+    dest=st.text(max_size=300),
+    container=st.text(max_size=20),
+    flags=st.tuples(st.booleans(), st.booleans(), st.sampled_from([None, True, False])),
+)
+def test_upload_chunks_decode_like_protobuf(
+    data: bytes, dest: str, container: str, flags: tuple[bool, bool, bool | None]
+) -> None:
+    mkdir_parents, overwrite, source_is_dir = flags
+    message = first_upload_chunk(
+        dest,
+        container,
+        mkdir_parents=mkdir_parents,
+        overwrite=overwrite,
+        source_is_dir=source_is_dir,
+    )
+    metadata = UploadChunk()
+    metadata.CopyFrom(message)
+    message.data = data
+    got, got_data = decode_upload_chunk(message.SerializeToString())
+    assert (got, bytes(got_data)) == (metadata, data)
+    assert got.HasField("source_is_dir") == (source_is_dir is not None)
+
+
+def test_upload_chunk_fields_in_any_order_and_repeated() -> None:
+    body = (
+        UploadChunk(data=b"old").SerializeToString()
+        + UploadChunk(dest_path="/d", overwrite=True).SerializeToString()
+        + UploadChunk(data=b"new").SerializeToString()
+        + b"\x40\x01"  # field 8, unknown
+    )
+    metadata, data = decode_upload_chunk(body)
+    assert bytes(data) == b"new"  # the last occurrence wins, as in protobuf
+    assert (metadata.dest_path, metadata.overwrite, metadata.data) == ("/d", True, b"")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x1a\x05abc", b"\x0a\x02\xff\xfe", b"\x00\x01", b"\x0b"],
+    ids=["short-data", "dest-not-utf8", "field-zero", "group"],
+)
+def test_malformed_upload_chunks_are_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- each case has its own reason
+        decode_upload_chunk(body)

@@ -49,6 +49,7 @@ from ._wire import (
     MAX_PATH_BYTES,
     UPLOAD,
     check_chunk_size,
+    decode_upload_chunk,
 )
 
 log = logging.getLogger("boxfiles.server")
@@ -72,6 +73,13 @@ def _check_path(path: str) -> None:
         raise InvalidArgument(f"path must not contain ..: {path}")
     if parts and parts[0].startswith(STAGING_PREFIX):
         raise InvalidArgument(f"path is reserved for upload staging: {path}")
+
+
+def _decode(body: bytes) -> tuple[UploadChunk, memoryview]:
+    try:
+        return decode_upload_chunk(body)
+    except ValueError as err:
+        raise InvalidArgument(f"malformed UploadChunk: {err}") from err
 
 
 def _remote_from_os(err: OSError, what: str) -> RemoteError:
@@ -280,9 +288,10 @@ class FilesService:
     async def _upload(
         self, call: ServerCall[UploadChunk, UploadResponse], transfer: _Transfer
     ) -> None:
-        first = await call.recv()
-        if first is None:
+        body = await call.recv_encoded()
+        if body is None:
             raise InvalidArgument("empty upload stream")
+        first, data = _decode(body)
         transfer.path = first.dest_path
         if not first.dest_path:
             raise InvalidArgument("dest_path is required in first chunk")
@@ -295,7 +304,7 @@ class FilesService:
         except OSError as err:
             raise _remote_from_os(err, first.dest_path) from err
         try:
-            staged = await self._receive(call, first, staging, transfer)
+            staged = await self._receive(call, first, data, staging, transfer)
             if source_is_dir is False and not staged.single_file:
                 raise InvalidArgument(
                     f"source_is_dir is false but the archive for {first.dest_path} is not a single file"
@@ -330,18 +339,18 @@ class FilesService:
         self,
         call: ServerCall[UploadChunk, UploadResponse],
         first: UploadChunk,
+        first_data: memoryview,
         staging: _Staging,
         transfer: _Transfer,
     ) -> Staged:
-        send_data, receive_data = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+        send_data, receive_data = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
         cap = self._max_upload_bytes
         staged: Staged | None = None
 
         async def pump() -> None:
             async with send_data:
-                chunk: UploadChunk | None = first
-                while chunk is not None:
-                    data = chunk.data  # each access copies (upb): read it once
+                data: memoryview | None = first_data
+                while data is not None:
                     if data:
                         transfer.bytes += len(data)
                         if cap is not None and transfer.bytes > cap:
@@ -352,7 +361,8 @@ class FilesService:
                             await send_data.send(data)
                         except trio.BrokenResourceError:
                             return  # the extractor failed; its error explains why
-                    chunk = await call.recv()
+                    body = await call.recv_encoded()
+                    data = None if body is None else _decode(body)[1]
 
         async def unpack() -> None:
             nonlocal staged

@@ -36,9 +36,9 @@ class ChunkStream:
     thread at its next chunk.
     """
 
-    def __init__(self, channel: trio.MemoryReceiveChannel[bytes]) -> None:
+    def __init__(self, channel: trio.MemoryReceiveChannel[bytes | memoryview]) -> None:
         self._channel = channel
-        self._chunk = b""
+        self._chunk: bytes | memoryview = b""
         self._start = 0
         #: Bytes handed out or skipped so far.
         self.taken = 0

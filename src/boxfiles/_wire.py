@@ -7,9 +7,10 @@ never spelled by hand).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import final
 
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from ._bridge import Method
@@ -109,7 +110,8 @@ def first_upload_chunk(
 #: most 4 bytes below MAX_CHUNK_SIZE).
 HEADER_ROOM = 16
 
-_DATA_TAG = 0x1A  # field 3 (data), wire type 2 (length-delimited)
+_DATA_FIELD = 3
+_DATA_TAG = _DATA_FIELD << 3 | 2  # wire type 2: length-delimited
 
 
 def _varint(value: int) -> bytes:
@@ -192,28 +194,66 @@ def decode_download_chunk(body: bytes) -> tuple[memoryview, bool | None]:
     view = memoryview(body)
     data = view[:0]
     source_is_dir: bool | None = None
+    for field, wire_type, value, _ in _fields(view):
+        if field == 1 and isinstance(value, memoryview):
+            data = value  # the last occurrence wins, as in protobuf
+        elif field == 2 and wire_type == 0:
+            source_is_dir = value != 0
+    return data, source_is_dir
+
+
+def decode_upload_chunk(body: bytes) -> tuple[UploadChunk, memoryview]:
+    """``(metadata, data)`` of an encoded UploadChunk, without copying the
+    data: protobuf would copy it into the message, and every read of the
+    field copies it again. ``metadata`` is the message with no data.
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
+    view = memoryview(body)
+    data = view[:0]
+    rest = []
+    for field, _, value, raw in _fields(view):
+        if field == _DATA_FIELD and isinstance(value, memoryview):
+            data = value  # the last occurrence wins, as in protobuf
+        else:
+            rest.append(raw)
+    try:
+        metadata = UploadChunk.FromString(b"".join(rest))
+    except DecodeError as err:
+        raise ValueError(str(err)) from err
+    return metadata, data
+
+
+def _fields(view: memoryview) -> Iterator[tuple[int, int, memoryview | int, memoryview]]:
+    """``(field, wire type, value, raw)`` of each field of an encoded message:
+    the value is an int (varint), a view (length-delimited) or 0 (fixed), and
+    ``raw`` the whole field, key included.
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
     pos = 0
     while pos < len(view):
+        start = pos
         key, pos = _read_varint(view, pos)
         field, wire_type = key >> 3, key & 7
+        value: memoryview | int = 0
         if wire_type == 0:
             value, pos = _read_varint(view, pos)
-            if field == 2:
-                source_is_dir = value != 0
         elif wire_type == 2:
             length, pos = _read_varint(view, pos)
             if pos + length > len(view):
                 raise ValueError("truncated length-delimited field")
-            if field == 1:
-                data = view[pos : pos + length]  # the last occurrence wins, as in protobuf
+            value = view[pos : pos + length]
             pos += length
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
+            if pos > len(view):
+                raise ValueError("truncated fixed-width field")
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-    if pos != len(view):
-        raise ValueError("truncated fixed-width field")
-    return data, source_is_dir
+        yield field, wire_type, value, view[start:pos]
 
 
 def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._server import FilesService, serve_service
 from .._supervise import one_error
-from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD
+from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD, decode_upload_chunk
 
 
 @final
@@ -162,14 +162,31 @@ class _FaultyCall:
         if message is None:
             record.client_ended = True
         elif isinstance(message, UploadChunk):
-            size = len(message.data)
-            if record.data is not None:
-                record.data += message.data
-            record.messages.append(_without_data(message))
-            record.sizes.append(size)
+            self._received(_without_data(message), message.data)
         else:
             record.messages.append(message)
         return message
+
+    async def recv_encoded(self) -> bytes | None:
+        record = self._record
+        if record.method == "upload":
+            await self._strike()
+        body = await self._call.recv_encoded()
+        if body is None:
+            record.client_ended = True
+        elif record.method == "upload":
+            try:
+                self._received(*decode_upload_chunk(body))
+            except ValueError:
+                pass  # malformed: the service refuses it, with its own status
+        return body
+
+    def _received(self, metadata: UploadChunk, data: bytes | memoryview) -> None:
+        record = self._record
+        if record.data is not None:
+            record.data += data
+        record.messages.append(metadata)
+        record.sizes.append(len(data))
 
     async def send(self, message: Any, /) -> None:
         if isinstance(message, DownloadChunk):
