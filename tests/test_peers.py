@@ -101,6 +101,33 @@ async def test_cancel_is_seen_by_grpcio_as_a_reset(sock_dir: Path) -> None:
                     await trio.sleep(0.01)
 
 
+async def test_an_unread_upload_never_holds_up_another(sock_dir: Path) -> None:
+    # Uploads on one connection take turns at writing, a batch of chunks a
+    # turn. One whose stream the server leaves unread runs out of window
+    # mid-turn: it must give its turn up, or every call would wait on it.
+    unread_started = threading.Event()
+    read_done = threading.Event()
+
+    def upload(chunks: Iterator[UploadChunk], context: Any) -> UploadResponse:
+        first = next(chunks)
+        if first.dest_path == "/unread":
+            unread_started.set()
+            read_done.wait(PROMPT * 4)
+        total = len(first.data) + sum(len(chunk.data) for chunk in chunks)
+        return UploadResponse(success=True, error=str(total))
+
+    unread = os.urandom(32 * MiB)
+    with grpcio_server(sock_dir / "g.sock", upload, no_download) as target:
+        async with boxfiles.open_client(target) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(client.upload_tar, BytesReader(unread), "/unread")
+            try:
+                assert await trio.to_thread.run_sync(unread_started.wait, PROMPT)
+                with trio.fail_after(PROMPT):
+                    await client.upload_tar(BytesReader(os.urandom(4 * MiB)), "/read")
+            finally:
+                read_done.set()
+
+
 async def test_download_from_grpcio(sock_dir: Path, tmp_path: Path) -> None:
     data = os.urandom(2 * MiB + 11)
 

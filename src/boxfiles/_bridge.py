@@ -285,32 +285,42 @@ async def _send_data(
     stream_id = h2_stream.id
     assert stream_id is not None  # headers went first
     writing = _write_lock(connection)
-    for piece in pieces:
-        view = memoryview(piece)
-        while view:
-            if h2_connection.local_flow_control_window(stream_id) <= 0:
-                h2_stream.window_updated.clear()
-                await h2_stream.window_updated.wait()
-                continue
-            async with writing:
+    views = [view for piece in pieces if (view := memoryview(piece))]
+    while views:
+        if h2_connection.local_flow_control_window(stream_id) <= 0:
+            h2_stream.window_updated.clear()
+            await h2_stream.window_updated.wait()
+            continue
+        # The whole batch goes out in one turn while the window lasts: a
+        # receiver then sees one stream's messages complete at a time rather
+        # than every stream's at once. A stream out of window gives up its
+        # turn, so one its peer is not reading never holds up the others.
+        async with writing:
+            while views:
                 while not connection.write_ready.is_set():
                     await connection.write_ready.wait()
                 # Other streams may have used the connection's window meanwhile.
                 window = h2_connection.local_flow_control_window(stream_id)
                 if window <= 0:
-                    continue
+                    break
+                view = views[0]
                 size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
                 for part in send_data_frame(h2_connection, stream_id, view[:size]):
                     transport.write(part)
-            h2_stream.data_sent += size
-            connection.data_sent += size
-            connection.data_send_process()
-            view = view[size:]
+                h2_stream.data_sent += size
+                connection.data_sent += size
+                connection.data_send_process()
+                if size < len(view):
+                    views[0] = view[size:]
+                else:
+                    del views[0]
 
 
 #: One lock per connection for the streams writing to it: a transport that
 #: drains wakes every waiter at once, and one frame can fill it again, so
-#: the senders take turns instead of all waking to find it full.
+#: the senders take turns instead of all waking to find it full. A turn is
+#: a whole batch while the stream's window lasts: a hand-over per frame
+#: cost 32 concurrent uploads a third more client CPU.
 _WRITE_LOCKS: weakref.WeakKeyDictionary[grpclib.protocol.Connection, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
