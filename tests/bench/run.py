@@ -145,9 +145,9 @@ def prepare(data_dir: Path, work: Path, size: int) -> Data:
 #: Free page reporting (virtio-balloon, on VMs such as this project's) hands the
 #: memory a guest frees back to the host; the next write to each such page then
 #: costs a fault on the host as well, charged to whichever process touches it
-#: first. A server writing 1 GiB of new page cache took 3x the system CPU when it
-#: drew reported pages (up to 2.2 s a run instead of 0.4 s): a toss-up between
-#: rows that swamps what the bench compares. The setting below stops reporting
+#: first. A server writing 512 MiB of new page cache spent about 2 s of system CPU
+#: instead of 0.4 s when it drew reported pages: a toss-up between rows that
+#: swamps what the bench compares. The setting below stops reporting
 #: for the bench's run; ``--keep-page-reporting`` leaves it alone.
 PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 PAGE = mmap.PAGESIZE
@@ -187,7 +187,7 @@ def host_backed_memory(warm_bytes: int, keep: bool) -> Iterator[str]:
         except OSError:  # EINVAL past the kernel's limit; EACCES without root
             continue
     else:
-        yield f"free page reporting: left on (order {old} could not be raised)"
+        yield f"free page reporting: left at order {old} (no higher order accepted)"
         return
     try:
         warm = min(warm_bytes, _mem_available() // 2) // PAGE * PAGE
