@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from boxfiles._local import POOL_SIZE, BufferPool, _UploadBuffers
+from boxfiles._local import POOL_SIZE, BufferPool, UploadBuffers
 
 SIZE = 1024
 
@@ -14,10 +14,10 @@ async def test_an_upload_never_waits_on_another() -> None:
     # A server may leave some calls unread while it serves others: an upload
     # it reads must go on even when unread ones hold every spare.
     pool = BufferPool(limit=2)
-    stalled = _UploadBuffers(pool, SIZE)
+    stalled = UploadBuffers(pool, SIZE)
     for _ in range(3):
         await stalled.take()  # its own and both spares, held for ever
-    served = _UploadBuffers(pool, SIZE)
+    served = UploadBuffers(pool, SIZE)
     with trio.fail_after(5):
         own = await served.take()  # no spare left, but a buffer of its own
         for _ in range(3):
@@ -25,7 +25,7 @@ async def test_an_upload_never_waits_on_another() -> None:
             assert await served.take() is own
 
 
-async def blocked_take(upload: _UploadBuffers, release: bytearray) -> bytearray:
+async def blocked_take(upload: UploadBuffers, release: bytearray) -> bytearray:
     """Take a buffer that must wait until ``release`` is given back."""
     got: list[bytearray] = []
 
@@ -41,24 +41,24 @@ async def blocked_take(upload: _UploadBuffers, release: bytearray) -> bytearray:
 
 
 async def test_a_second_chunk_waits_for_its_own_upload() -> None:
-    upload = _UploadBuffers(BufferPool(limit=0), SIZE)
+    upload = UploadBuffers(BufferPool(limit=0), SIZE)
     first = await upload.take()
     assert await blocked_take(upload, first) is first  # no spares: it waits for its own
 
 
 async def test_at_most_pool_size_per_upload() -> None:
-    upload = _UploadBuffers(BufferPool(limit=100), SIZE)
+    upload = UploadBuffers(BufferPool(limit=100), SIZE)
     held = [await upload.take() for _ in range(POOL_SIZE)]
     assert await blocked_take(upload, held[-1]) is held[-1]
 
 
 async def test_spares_in_dropped_chunks_count_as_returned() -> None:
     pool = BufferPool(limit=2)
-    failed = _UploadBuffers(pool, SIZE)
+    failed = UploadBuffers(pool, SIZE)
     for _ in range(3):
         await failed.take()  # chunks dropped with a failed upload, never given back
     failed.close()
-    upload = _UploadBuffers(pool, SIZE)
+    upload = UploadBuffers(pool, SIZE)
     with trio.fail_after(5):
         buffers = [await upload.take() for _ in range(3)]  # both spares are back
     assert len({id(b) for b in buffers}) == 3
@@ -66,16 +66,16 @@ async def test_spares_in_dropped_chunks_count_as_returned() -> None:
 
 async def test_buffers_are_reused_and_an_idle_pool_keeps_none() -> None:
     pool = BufferPool()
-    running = _UploadBuffers(pool, SIZE)
+    running = UploadBuffers(pool, SIZE)
     await running.take()
-    first = _UploadBuffers(pool, SIZE)
+    first = UploadBuffers(pool, SIZE)
     mine = await first.take()
     first.give_back(mine)
     first.close()
-    second = _UploadBuffers(pool, SIZE)
+    second = UploadBuffers(pool, SIZE)
     assert await second.take() is mine  # another upload was running: kept
     second.give_back(mine)
     second.close()
     running.close()
-    last = _UploadBuffers(pool, SIZE)
+    last = UploadBuffers(pool, SIZE)
     assert await last.take() is not mine  # nothing was running: freed

@@ -140,11 +140,13 @@ class FilesClient:
         check_progress(progress)
         with self._deadline():
             async with open_source(source, chunk_size, self._buffers) as reader:
-                reader = await metered_reader(reader, progress, source)
-                async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
-                    response = await _upload(call, reader, first)
-        if not response.success:
-            raise UploadRejected(response.error or "upload failed")
+                await self._upload_from(await metered_reader(reader, progress, source), first)
+
+    async def _upload_from(self, reader: ChunkReader, first: UploadChunk) -> None:
+        """upload_tar's transfer, from any chunk reader (copy_in's packer too);
+        its errors and cancellation as upload_tar's, but no client deadline."""
+        async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
+            await _upload(call, reader, first)
 
     async def download_tar(
         self,
@@ -367,10 +369,9 @@ class FilesClient:
 
 async def _upload(
     call: ClientCall[UploadChunk, UploadResponse], reader: ChunkReader, first: UploadChunk
-) -> UploadResponse:
+) -> None:
     send_chunks, receive_chunks = trio.open_memory_channel[Chunk](CHANNEL_CAPACITY)
     all_sent = trio.Event()
-    response: UploadResponse | None = None
 
     async def read() -> None:
         while (chunk := await reader.read_chunk()).size:
@@ -411,7 +412,6 @@ async def _upload(
         all_sent.set()
 
     async def receive() -> None:
-        nonlocal response
         # Listening from the start means a status the server sends early
         # (a rejection after the first chunk, say) aborts the transfer at
         # once, even while the reader is stalled.
@@ -425,8 +425,6 @@ async def _upload(
         await call.finish()
 
     await supervise(read, send, receive)
-    assert response is not None
-    return response
 
 
 async def _download(

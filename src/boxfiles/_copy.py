@@ -1,9 +1,10 @@
 """copy_in / copy_out: local paths in and out of a box, as tar on the fly.
 
-copy_in packs the source in a worker thread straight into a bounded trio
-channel that feeds ``upload_tar``: no temporary tar file, no whole-tree
-buffering. copy_out feeds what ``download_tar`` receives, through a bounded
-channel, to a worker thread that unpacks it into a hidden staging directory
+copy_in packs the source in a worker thread straight into the upload's
+pooled chunk buffers, handed over a trio channel to the upload_tar transfer:
+no temporary tar file, no whole-tree buffering, no copies but the kernel's.
+copy_out feeds what ``download_tar`` receives, through a bounded channel, to
+a worker thread that unpacks it into a hidden staging directory
 beside the destination; the result is moved into place only once the server
 reported OK and the archive proved sound.
 
@@ -30,12 +31,19 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from ._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
-from ._local import describe_oserror
+from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
 from ._supervise import supervise
 from ._tarstream import ChunkStream, next_member, open_archive, write_member
-from ._wire import DEFAULT_CHUNK_SIZE, check_container_id, check_path
+from ._wire import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_ROOM,
+    Chunk,
+    check_container_id,
+    check_path,
+    first_upload_chunk,
+)
 
 if TYPE_CHECKING:
     from ._client import FilesClient
@@ -183,53 +191,66 @@ def archive_size(plan: _PackPlan) -> int:
 
 
 @final
-class _ChannelSink:
-    """Used from the packing thread: fills a reused buffer and hands each full
-    one to the trio thread, which copies it into a fresh ``bytes`` (so that
-    allocation and freeing both happen there) and sends it on."""
+class _ChunkSink:
+    """Used from the packing thread: fills the upload's pooled chunk buffers
+    in place and hands each full one on as a Chunk. Buffers are taken, sent
+    and (once sent) given back in the trio thread, so the allocator reuses
+    them, and the archive's bytes are copied only by the kernel's reads."""
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], chunk_size: int) -> None:
+    def __init__(
+        self, channel: trio.MemorySendChannel[Chunk], buffers: UploadBuffers, chunk_size: int
+    ) -> None:
         self._channel = channel
-        self._buffer = bytearray(chunk_size)
-        self._view = memoryview(self._buffer)
+        self._buffers = buffers
+        self._size = chunk_size
+        self._buffer: bytearray | None = None
         self._used = 0
 
-    async def _send(self, count: int) -> None:
-        await self._channel.send(bytes(self._view[:count]))
+    async def _hand_on(self, full: Chunk | None) -> bytearray:
+        if full is not None:
+            await self._channel.send(full)
+        return await self._buffers.take()
+
+    def _room(self) -> memoryview:
+        """The free part of the current buffer; a full one is handed on first."""
+        if self._buffer is None or self._used == self._size:
+            full = None if self._buffer is None else self._chunk()
+            self._buffer = trio.from_thread.run(self._hand_on, full)
+            self._used = 0
+        return memoryview(self._buffer)[HEADER_ROOM + self._used : HEADER_ROOM + self._size]
+
+    def _chunk(self) -> Chunk:
+        assert self._buffer is not None
+        return Chunk(self._buffer, self._used, self._buffers.give_back)
 
     def flush(self) -> None:
+        """Hand on what the current buffer holds."""
         if self._used:
-            trio.from_thread.run(self._send, self._used)
-            self._used = 0
+            trio.from_thread.run(self._channel.send, self._chunk())
+            self._buffer, self._used = None, 0
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
-            room = len(self._buffer) - self._used
-            take = min(room, len(view))
-            self._view[self._used : self._used + take] = view[:take]
+            room = self._room()
+            take = min(len(room), len(view))
+            room[:take] = view[:take]
             self._used += take
             view = view[take:]
-            if self._used == len(self._buffer):
-                self.flush()
 
     def copy_from(self, fd: int, size: int, name: str) -> None:
-        """Append exactly ``size`` bytes read from ``fd``, straight into the buffer."""
+        """Append exactly ``size`` bytes read from ``fd``, straight into the buffers."""
         left = size
         while left:
-            if self._used == len(self._buffer):
-                self.flush()
-            end = min(len(self._buffer), self._used + left)
-            got = os.readv(fd, [self._view[self._used : end]])
+            room = self._room()
+            got = os.readv(fd, [room[:left]])
             if got == 0:
                 raise LocalIOError(f"cannot read {name}: it shrank while being copied")
             self._used += got
             left -= got
-        if self._used == len(self._buffer):
-            self.flush()
 
 
-def _pack(plan: _PackPlan, sink: _ChannelSink) -> None:
+def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
     """Write the whole archive into ``sink`` (blocking; a worker thread)."""
     names, inodes = _Names(), dict[tuple[int, int], str]()
     zeros = bytes(RECORD)
@@ -265,27 +286,6 @@ def _pack(plan: _PackPlan, sink: _ChannelSink) -> None:
     sink.flush()
 
 
-@final
-class _ChannelReader:
-    """An AsyncReader for ``upload_tar`` over the packer's channel."""
-
-    def __init__(self, channel: trio.MemoryReceiveChannel[bytes], meter: Meter) -> None:
-        self._channel = channel
-        self._meter = meter
-        self._pending = b""
-
-    async def read(self, max_bytes: int) -> bytes:
-        if not self._pending:
-            try:
-                self._pending = await self._channel.receive()
-            except trio.EndOfChannel:
-                self._meter.finish()
-                return b""
-        piece, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
-        self._meter.add(len(piece))
-        return piece
-
-
 def _local_path(value: object, what: str) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path, not {type(value).__name__}")
@@ -308,7 +308,7 @@ async def copy_in(
 ) -> None:
     """See :meth:`FilesClient.copy_in`."""
     check_path(dest_path, "dest_path")
-    check_container_id(container_id)
+    container = check_container_id(container_id)
     check_progress(progress)
     src_text = _local_path(src, "src")
     try:
@@ -325,13 +325,31 @@ async def copy_in(
         total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
     except OSError as err:
         raise _local_error(err, src_text) from err
-    send_chunks, receive_chunks = trio.open_memory_channel[bytes](1)
-    reader = _ChannelReader(receive_chunks, Meter(progress, total))
+    first = first_upload_chunk(
+        dest_path,
+        container,
+        mkdir_parents=mkdir_parents,
+        overwrite=overwrite,
+        source_is_dir=plan.is_dir,
+    )
+    meter = Meter(progress, total)
+    send_chunks, receive_chunks = trio.open_memory_channel[Chunk](0)
+
+    async def read(max_bytes: int) -> Chunk:
+        try:
+            chunk = await receive_chunks.receive()
+        except trio.EndOfChannel:
+            meter.finish()
+            return Chunk.of(b"")
+        meter.add(chunk.size)
+        return chunk
+
+    buffers = UploadBuffers(client._buffers, DEFAULT_CHUNK_SIZE)
 
     async def pack() -> None:
         try:
             await trio.to_thread.run_sync(
-                _pack, plan, _ChannelSink(send_chunks, DEFAULT_CHUNK_SIZE)
+                _pack, plan, _ChunkSink(send_chunks, buffers, DEFAULT_CHUNK_SIZE)
             )
         except OSError as err:
             raise _local_error(err, src_text) from err
@@ -340,16 +358,12 @@ async def copy_in(
 
     async def upload() -> None:
         async with receive_chunks:
-            await client.upload_tar(
-                reader,
-                dest_path,
-                container_id=container_id,
-                mkdir_parents=mkdir_parents,
-                overwrite=overwrite,
-                source_is_dir=plan.is_dir,
-            )
+            await client._upload_from(ChunkReader(read, DEFAULT_CHUNK_SIZE), first)
 
-    await supervise(pack, upload)
+    try:
+        await supervise(pack, upload)
+    finally:
+        buffers.close()
 
 
 # --------------------------------------------------------------------------

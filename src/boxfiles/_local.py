@@ -133,7 +133,7 @@ class BufferPool:
 
 
 @final
-class _UploadBuffers:
+class UploadBuffers:
     """One upload's buffers: one of its own, and spares from the client's
     pool while it has them, POOL_SIZE in all at most.
 
@@ -199,7 +199,7 @@ def _read_nowait(fd: int, view: memoryview, offset: int) -> int:
         raise
 
 
-def _file_read_fn(file: io.FileIO, name: str, buffers: _UploadBuffers) -> _ReadFn:
+def _file_read_fn(file: io.FileIO, name: str, buffers: UploadBuffers) -> _ReadFn:
     fd = file.fileno()
     # Regular files are read at an offset of our own, first without blocking:
     # a chunk the page cache holds is copied right here, which costs less
@@ -285,7 +285,7 @@ async def open_source(
         file = await trio.to_thread.run_sync(open_file)
     except OSError as err:
         raise LocalIOError(f"cannot open {name}: {describe_oserror(err)}") from err
-    buffers = _UploadBuffers(pool, chunk_size)
+    buffers = UploadBuffers(pool, chunk_size)
     try:
         yield ChunkReader(_file_read_fn(file, name, buffers), chunk_size)
     finally:
