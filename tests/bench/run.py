@@ -197,7 +197,6 @@ def host_backed_memory(warm_bytes: int, keep: bool) -> Iterator[str]:
             f"free page reporting: off for the run (order {old} -> {order}, restored after); "
             f"{warm // MiB} MiB of free memory faulted in ({time.monotonic() - started:.1f}s)"
         )
-        print(note, flush=True)
         yield note
     finally:
         PAGE_REPORTING_ORDER.write_text(old)
@@ -868,6 +867,7 @@ def main() -> int:
         result["machine"]["memory"] = restore.enter_context(
             host_backed_memory(4 * args.size + 1024 * MiB, args.keep_page_reporting)
         )
+        print(result["machine"]["memory"], flush=True)
         copy, note = has_copy()
         if note:
             print(f"NOTE: {note}", flush=True)
