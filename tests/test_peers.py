@@ -107,25 +107,27 @@ async def test_an_unread_upload_never_holds_up_another(sock_dir: Path) -> None:
     # mid-turn: it must give its turn up, or every call would wait on it.
     unread_started = threading.Event()
     read_done = threading.Event()
+    received: dict[str, int] = {}
 
     def upload(chunks: Iterator[UploadChunk], context: Any) -> UploadResponse:
         first = next(chunks)
         if first.dest_path == "/unread":
             unread_started.set()
             read_done.wait(PROMPT * 4)
-        total = len(first.data) + sum(len(chunk.data) for chunk in chunks)
-        return UploadResponse(success=True, error=str(total))
+        received[first.dest_path] = len(first.data) + sum(len(c.data) for c in chunks)
+        return UploadResponse(success=True)
 
-    unread = os.urandom(32 * MiB)
     with grpcio_server(sock_dir / "g.sock", upload, no_download) as target:
         async with boxfiles.open_client(target) as client, trio.open_nursery() as nursery:
-            nursery.start_soon(client.upload_tar, BytesReader(unread), "/unread")
+            nursery.start_soon(client.upload_tar, BytesReader(os.urandom(32 * MiB)), "/unread")
             try:
                 assert await trio.to_thread.run_sync(unread_started.wait, PROMPT)
                 with trio.fail_after(PROMPT):
                     await client.upload_tar(BytesReader(os.urandom(4 * MiB)), "/read")
+                assert received == {"/read": 4 * MiB}  # done while the other sat unread
             finally:
                 read_done.set()
+    assert received == {"/read": 4 * MiB, "/unread": 32 * MiB}
 
 
 async def test_download_from_grpcio(sock_dir: Path, tmp_path: Path) -> None:

@@ -291,10 +291,9 @@ async def _send_data(
             h2_stream.window_updated.clear()
             await h2_stream.window_updated.wait()
             continue
-        # The whole batch goes out in one turn while the window lasts: a
-        # receiver then sees one stream's messages complete at a time rather
-        # than every stream's at once. A stream out of window gives up its
-        # turn, so one its peer is not reading never holds up the others.
+        # The whole batch goes out in one turn while the window lasts (see
+        # _WRITE_LOCKS). A stream out of window gives up its turn, so one
+        # its peer is not reading never holds up the others.
         async with writing:
             while views:
                 while not connection.write_ready.is_set():
