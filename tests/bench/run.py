@@ -228,6 +228,12 @@ class Server:
     def peak(self) -> int:
         return _kib(self.proc.pid, "VmHWM")
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU of the server, all its threads, so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def read_line(self, timeout: float) -> str:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -400,6 +406,7 @@ def run_config(
                 # row pays for another's writeback.
                 os.sync()
                 base = srv.reset_peak()
+                cpu = srv.cpu_seconds()
                 result = run_client(args, logs / f"client-{row.kind}.log")
                 result.update(
                     config=cfg.name,
@@ -407,6 +414,7 @@ def run_config(
                     round=rnd,
                     server_rss_base_kib=base,
                     server_rss_delta_kib=srv.peak() - base,
+                    server_cpu_seconds=srv.cpu_seconds() - cpu,
                     mb_s=result["bytes"] / result["seconds"] / 1e6,
                 )
                 cfg.runs.append(result)
@@ -446,6 +454,9 @@ def summarize(cfgs: list[Config]) -> list[dict[str, Any]]:
                     "client_minor_faults_per_gib": statistics.median(
                         r["minor_faults"] / r["bytes"] * 2**30 for r in runs
                     ),
+                    "server_cpu_s_per_gib": statistics.median(
+                        r["server_cpu_seconds"] / r["bytes"] * 2**30 for r in runs
+                    ),
                     "client_rss_delta_mib_max": max(r["rss_delta_kib"] for r in runs) / 1024,
                     "server_rss_delta_mib_max": max(r["server_rss_delta_kib"] for r in runs) / 1024,
                 }
@@ -456,7 +467,7 @@ def summarize(cfgs: list[Config]) -> list[dict[str, Any]]:
 def print_table(summary: list[dict[str, Any]]) -> None:
     head = (
         f"{'configuration':44} {'client':26} {'MB/s med':>9} {'min-max':>15} {'x grpclib':>9} "
-        f"{'cli CPU':>8} {'faults':>7} {'cli dRSS':>9} {'srv dRSS':>9}"
+        f"{'cli CPU':>8} {'faults':>7} {'srv CPU':>8} {'cli dRSS':>9} {'srv dRSS':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -469,12 +480,16 @@ def print_table(summary: list[dict[str, Any]]) -> None:
             f"{name:44} {s['row']:26} {s['mb_s_median']:9.0f} "
             f"{s['mb_s_min']:7.0f}-{s['mb_s_max']:<7.0f} {ratio:>9} "
             f"{s['client_cpu_s_per_gib']:7.2f}s {s['client_minor_faults_per_gib'] / 1000:6.0f}k "
+            f"{s['server_cpu_s_per_gib']:7.2f}s "
             f"{s['client_rss_delta_mib_max']:7.1f}Mi {s['server_rss_delta_mib_max']:7.1f}Mi"
         )
     print(
         "(MB = 10^6 bytes. cli CPU = client CPU seconds per GiB and faults = its minor page faults\n"
         " per GiB, medians: on a small machine the receiver often caps MB/s, so CPU shows the\n"
-        " client's own cost. dRSS = peak RSS above the process's idle baseline, max over rounds.)"
+        " client's own cost. srv CPU = the server's CPU seconds per GiB, all threads, median: a\n"
+        " one-threaded server whose srv CPU is about the transfer's own seconds per GiB\n"
+        " (1074 / MB/s) was busy throughout and set the pace. dRSS = peak RSS above the\n"
+        " process's idle baseline, max over rounds.)"
     )
 
 
