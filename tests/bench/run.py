@@ -162,14 +162,6 @@ def _warm(nbytes: int) -> None:
             m[offset : offset + len(block)] = block[: nbytes - offset]
 
 
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 @contextlib.contextmanager
 def host_backed_memory(warm_bytes: int, keep: bool) -> Iterator[str]:
     """Free page reporting off (restored on the way out) and ``warm_bytes``
@@ -190,7 +182,7 @@ def host_backed_memory(warm_bytes: int, keep: bool) -> Iterator[str]:
         yield f"free page reporting: left at order {old} (no higher order accepted)"
         return
     try:
-        warm = min(warm_bytes, _mem_available() // 2) // PAGE * PAGE
+        warm = min(warm_bytes, _kib("/proc/meminfo", "MemAvailable") * 1024 // 2) // PAGE * PAGE
         started = time.monotonic()
         _warm(warm)
         note = (
@@ -205,8 +197,9 @@ def host_backed_memory(warm_bytes: int, keep: bool) -> Iterator[str]:
 # --- processes -----------------------------------------------------------------------
 
 
-def _kib(pid: int, field_name: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def _kib(path: str, field_name: str) -> int:
+    """A "Name:  N kB" field of /proc/meminfo or /proc/<pid>/status, in KiB."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
@@ -223,10 +216,10 @@ class Server:
         """Reset the server's peak RSS to its current RSS; return that, KiB."""
         with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
             f.write("5")
-        return _kib(self.proc.pid, "VmRSS")
+        return _kib(f"/proc/{self.proc.pid}/status", "VmRSS")
 
     def peak(self) -> int:
-        return _kib(self.proc.pid, "VmHWM")
+        return _kib(f"/proc/{self.proc.pid}/status", "VmHWM")
 
     def cpu_seconds(self) -> float:
         """User plus system CPU of the server, all its threads, so far."""
