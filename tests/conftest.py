@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_asyncio
 
 import boxfiles
+from boxfiles._aio import current_loop
 
 pytest_plugins = ["pytester"]
 
@@ -102,7 +102,7 @@ def trio_tasks() -> int:
 
 def assert_no_asyncio_tasks() -> None:
     """Inside an open_client block: no asyncio task is left running."""
-    loop = trio_asyncio.current_loop.get()
+    loop = current_loop.get()
     assert loop is not None, "call this inside an open_client block"
     assert asyncio.all_tasks(loop) == set()
 

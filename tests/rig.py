@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from boxfiles._bridge import ServerCall, serve
+from boxfiles._aio import ServerCall, serve
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._wire import DOWNLOAD, UPLOAD
 

@@ -16,7 +16,8 @@ import h2.settings
 import pytest
 
 import boxfiles
-from boxfiles._bridge import FRAME_LIMIT, UNIX_SEND_BUFFER, send_data_frame
+from boxfiles._aio import FRAME_LIMIT, UNIX_SEND_BUFFER
+from boxfiles._aio._internals import send_data_frame
 
 from .conftest import BytesReader, tar_of
 

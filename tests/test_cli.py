@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, EXIT_UNSAFE, EXIT_USAGE
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 

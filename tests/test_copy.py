@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._progress import INTERVAL
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._tarstream import MAX_HEADER_READ

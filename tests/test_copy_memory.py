@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 
 from .rig import scripted_server

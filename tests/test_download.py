@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 
 from .conftest import Leaks, assert_no_asyncio_tasks, untar

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import FRAME_LIMIT
+from boxfiles._aio import FRAME_LIMIT
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 
 from .conftest import BytesReader

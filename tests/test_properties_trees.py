@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles.testing import short_socket_dir
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import FRAME_LIMIT, open_channel
+from boxfiles._aio import FRAME_LIMIT, open_channel
 from boxfiles._proto.files_pb2 import UploadChunk
 from boxfiles._target import parse_target
 from boxfiles._wire import UPLOAD

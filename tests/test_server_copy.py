@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import boxfiles
-from boxfiles._bridge import open_channel
+from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles._target import UnixTarget
 from boxfiles._wire import DOWNLOAD

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import open_channel
+from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
 from boxfiles._server import STAGING_PREFIX
 from boxfiles._supervise import one_error

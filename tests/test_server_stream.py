@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from boxfiles._bridge import open_channel
+from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._target import UnixTarget
 from boxfiles._wire import DOWNLOAD

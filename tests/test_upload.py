@@ -11,7 +11,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
 
 from .conftest import BytesReader, Leaks, assert_no_asyncio_tasks, tar_of

@@ -18,7 +18,7 @@ from typing import Literal, final
 import trio
 
 from . import _copy
-from ._bridge import Channel, ClientCall, open_channel
+from ._aio import Channel, ClientCall, open_channel
 from ._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
 from ._local import (
     BufferPool,

@@ -25,7 +25,7 @@ from typing import Any, NoReturn, final
 import trio
 
 from . import _pack
-from ._bridge import Handler, Method, ServerCall, serve
+from ._aio import Handler, Method, ServerCall, serve
 from ._confine import DIR_FLAGS, components, make_dir, remove_tree
 from ._errors import (
     AlreadyExists,

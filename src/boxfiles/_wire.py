@@ -13,7 +13,7 @@ from typing import final
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from ._bridge import Method
+from ._aio import Method
 from ._proto import files_pb2
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 

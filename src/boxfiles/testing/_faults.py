@@ -18,7 +18,7 @@ from typing import Any, Literal, final
 
 import trio
 
-from .._bridge import Handler, Method, ServerCall
+from .._aio import Handler, Method, ServerCall
 from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._server import FilesService, serve_service

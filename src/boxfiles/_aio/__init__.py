@@ -1,0 +1,29 @@
+"""The asyncio edge: the only package that imports asyncio, grpclib or h2.
+
+grpclib runs on an asyncio loop that lives inside trio (:mod:`._loop`);
+everything handed out of this package is trio-flavoured, and every foreign
+exception is mapped here onto the boxfiles hierarchy (the original kept as
+``__cause__``). Private names of the dependencies are used in
+:mod:`._internals` only.
+"""
+
+from ._channel import Channel, ClientCall, open_channel
+from ._edge import Method
+from ._frames import FRAME_LIMIT, MAX_MESSAGE_BYTES
+from ._loop import UNIX_SEND_BUFFER, TrioEventLoop, current_loop
+from ._serve import Handler, ServerCall, serve
+
+__all__ = [
+    "FRAME_LIMIT",
+    "MAX_MESSAGE_BYTES",
+    "UNIX_SEND_BUFFER",
+    "Channel",
+    "ClientCall",
+    "Handler",
+    "Method",
+    "ServerCall",
+    "TrioEventLoop",
+    "current_loop",
+    "open_channel",
+    "serve",
+]

@@ -1,0 +1,238 @@
+"""The client side of the edge: a grpclib channel and its calls, seen from trio.
+
+Two things the obvious pattern gets wrong are handled here deliberately
+(docs/contract.md, "What real peers do"):
+
+* a status the peer sent is read from the stream before a "stream
+  terminated" error is reported, so the status class survives;
+* when the trio side fails or is cancelled, the HTTP/2 stream is reset at
+  once with RST_STREAM(CANCEL), from a shielded scope, rather than when the
+  connection closes.
+
+And a response the server completed before resetting the stream with
+NO_ERROR is kept (RFC 9113 §8.1): sends then end quietly, and the response
+and status are read as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar, final
+
+import grpclib.client
+import h2.errors
+import trio
+from google.protobuf.message import Message
+
+from .._errors import FilesError, IncompleteTransfer, RemoteError, remote_error
+from .._supervise import one_error
+from .._target import Target, UnixTarget
+from . import _frames, _internals
+from ._edge import Method, map_exception, run
+from ._frames import FRAME_LIMIT, FinishedEarly
+from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
+
+log = logging.getLogger("boxfiles")
+
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+T = TypeVar("T")
+
+
+@final
+class ClientCall(Generic[SendT, RecvT]):
+    """One open RPC seen from trio. Made by :meth:`Channel.open_call`.
+
+    Every method raises a FilesError on failure: the peer's status
+    (RemoteError) where it sent one, else IncompleteTransfer, Unavailable
+    or DeadlineExceeded. Cancellation propagates as trio.Cancelled.
+    """
+
+    def __init__(
+        self,
+        loop: TrioEventLoop,
+        stream: grpclib.client.Stream[SendT, RecvT],
+        reply_type: type[RecvT],
+        where: str,
+    ) -> None:
+        self._loop = loop
+        self._stream = stream
+        self._reply_type = reply_type
+        self._where = where
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await run(self._loop, coro, self._where)
+        except IncompleteTransfer as exc:
+            # The stream was torn down; if the peer said why, that wins.
+            raise self._status_or(exc) from exc.__cause__
+
+    def _status_or(self, exc: FilesError) -> FilesError:
+        try:
+            self.raise_for_status()
+        except RemoteError as found:
+            found.__context__ = exc
+            return found
+        return exc
+
+    def raise_for_status(self) -> None:
+        """Raise the RemoteError for a non-OK status the peer already sent."""
+        status = _internals.status_received(self._stream)
+        if status is not None:
+            raise remote_error(int(status.status.value), status.message) from status
+
+    @property
+    def finished_early(self) -> bool:
+        """The peer completed its response before the request was complete
+        (and reset the stream): whatever is left to send is not wanted."""
+        return _internals.finished_early(_internals.h2_stream_of(self._stream))
+
+    async def send(self, message: SendT, *, end: bool = False) -> None:
+        await self._call(self._stream.send_message(message, end=end))
+
+    async def send_encoded(self, *pieces: bytes | memoryview) -> None:
+        """Send messages already encoded for the wire (5-byte gRPC prefix
+        included), given as pieces sent back to back, in order; their bytes
+        go to the socket without further copies. Once the peer has
+        :attr:`finished_early`, this returns without sending."""
+        try:
+            await self._call(_frames.send_encoded(self._stream, pieces))
+        except IncompleteTransfer as exc:
+            if not isinstance(exc.__cause__, FinishedEarly):
+                raise
+
+    async def end(self) -> None:
+        """End the request (END_STREAM); a no-op once :attr:`finished_early`."""
+        if not self.finished_early:
+            await self._call(self._stream.end())
+
+    async def recv(self) -> RecvT | None:
+        """The next message, or None once the peer ended its side cleanly."""
+        body = await self.recv_encoded()
+        if body is None:
+            return None
+        message = self._reply_type()
+        try:
+            message.ParseFromString(body)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise IncompleteTransfer(f"malformed message {self._where}: {exc}") from exc
+        return message
+
+    async def recv_encoded(self) -> bytes | None:
+        """The next message's encoded bytes (for the caller to decode without
+        copying its payload), or None once the peer ended its side cleanly."""
+        return await self._call(_frames.recv_encoded(self._stream))
+
+    def initial_metadata(self) -> Mapping[str, str]:
+        """The peer's initial metadata (empty until the first message or
+        status has been received)."""
+        received = self._stream.initial_metadata
+        if received is None:
+            return {}
+        return {key: value for key, value in received.items() if isinstance(value, str)}
+
+    async def finish(self) -> None:
+        """Wait for the peer's status; raise its RemoteError unless OK."""
+        await self._call(self._stream.recv_trailing_metadata())
+
+
+@final
+class Channel:
+    """A grpclib channel owned by trio code. Made by :func:`open_channel`."""
+
+    def __init__(
+        self, loop: TrioEventLoop, channel: grpclib.client.Channel, where: str
+    ) -> None:
+        self._loop = loop
+        self._channel = channel
+        self._where = where
+
+    @asynccontextmanager
+    async def open_call(
+        self, method: Method[SendT, RecvT], *, grpc_timeout: float | None = None
+    ) -> AsyncIterator[ClientCall[SendT, RecvT]]:
+        """Open one RPC; leaving the block with an exception resets it.
+
+        ``grpc_timeout`` is sent to the peer as ``grpc-timeout``; enforcing
+        it locally is the caller's job (a trio deadline).
+
+        On a clean exit the caller must already have read the final status
+        (:meth:`ClientCall.finish`). On any exception, trio.Cancelled
+        included, RST_STREAM(CANCEL) is sent before the exception propagates.
+        """
+        stream: grpclib.client.Stream[SendT, RecvT] = self._channel.request(
+            method.path,
+            method.cardinality,
+            method.request_type,
+            method.reply_type,
+            timeout=grpc_timeout,
+        )
+        await run(self._loop, stream.__aenter__(), self._where)
+        sent = False
+        try:
+            await run(self._loop, stream.send_request(), self._where)
+            sent = True
+            yield ClientCall(self._loop, stream, method.reply_type, self._where)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                try:
+                    await self._loop.run_asyncio(_reset(stream, exc, sent))
+                except Exception as cleanup:  # already failing: keep the first error
+                    log.debug("reset after %r failed: %r", exc, cleanup)
+            raise
+        else:
+            await run(self._loop, stream.__aexit__(None, None, None), self._where)
+
+
+async def _reset(
+    stream: grpclib.client.Stream[Any, Any], exc: BaseException, request_sent: bool
+) -> None:
+    # grpclib's own exit resets with reset_nowait(NO_ERROR), which leaves
+    # RST_STREAM in h2's buffer while the socket is backed up (mid-upload,
+    # typically): the peer would hear of it only when something else is
+    # written. Wait for the socket to take it instead, and say CANCEL, as
+    # grpcio and grpc-js clients do.
+    if request_sent:
+        h2_stream = _internals.h2_stream_of(stream)
+        if h2_stream.closable:
+            await h2_stream.reset(h2.errors.ErrorCodes.CANCEL)
+    await stream.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+def _tune(protocol: Any) -> None:
+    _internals.announce_frame_size(protocol, FRAME_LIMIT)
+    _internals.keep_complete_responses(protocol)
+
+
+async def _new_channel(target: Target) -> grpclib.client.Channel:
+    # Made on the loop: grpclib's Channel takes the running loop as its own.
+    if isinstance(target, UnixTarget):
+        channel = grpclib.client.Channel(path=target.path)
+        _internals.set_authority(channel, "localhost")
+        return channel
+    return grpclib.client.Channel(target.host, target.port)
+
+
+async def _close_channel(channel: grpclib.client.Channel) -> None:
+    channel.close()
+
+
+@asynccontextmanager
+async def open_channel(target: Target) -> AsyncIterator[Channel]:
+    """A channel to ``target`` that connects lazily and closes on exit.
+
+    Leaving the block, by any exit, closes the connection at once (calls
+    still open are reset by their own blocks first); no task outlives it.
+    """
+    with one_error():
+        async with open_loop() as loop:
+            loop.on_connection = _tune
+            channel = await run(loop, _new_channel(target), str(target))
+            try:
+                yield Channel(loop, channel, str(target))
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                    await loop.run_asyncio(_close_channel(channel))
+

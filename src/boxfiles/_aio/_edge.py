@@ -1,0 +1,79 @@
+"""What both sides of the edge share: RPC descriptors, and the one place
+foreign (grpclib, h2, asyncio, socket) exceptions become boxfiles errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, final
+
+import grpclib.const
+import grpclib.exceptions
+import h2.exceptions
+import trio
+from google.protobuf.message import Message
+
+from .._errors import DeadlineExceeded, FilesError, IncompleteTransfer, Unavailable, remote_error
+from ._frames import MessageTooLarge
+from ._loop import TrioEventLoop
+
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+T = TypeVar("T")
+
+
+@final
+@dataclass(frozen=True)
+class Method(Generic[SendT, RecvT]):
+    """One RPC of a service: its path, shape and message types."""
+
+    path: str
+    client_streaming: bool
+    server_streaming: bool
+    request_type: type[SendT]
+    reply_type: type[RecvT]
+
+    @property
+    def cardinality(self) -> grpclib.const.Cardinality:
+        return _CARDINALITY[self.client_streaming, self.server_streaming]
+
+
+_CARDINALITY = {c.value: c for c in grpclib.const.Cardinality}
+
+
+def map_exception(exc: BaseException, where: str) -> FilesError:
+    """The boxfiles error for a foreign exception raised ``where``."""
+    if isinstance(exc, grpclib.exceptions.GRPCError):
+        return remote_error(int(exc.status.value), exc.message)
+    if isinstance(exc, asyncio.TimeoutError):
+        return DeadlineExceeded(f"deadline exceeded {where}")
+    if isinstance(exc, grpclib.exceptions.StreamTerminatedError):
+        return IncompleteTransfer(f"stream closed {where}: {exc}")
+    if isinstance(exc, MessageTooLarge):
+        return IncompleteTransfer(f"{exc} {where}")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return Unavailable(f"cannot reach {where}: {exc}")
+    if isinstance(exc, (grpclib.exceptions.ProtocolError, h2.exceptions.H2Error)):
+        return IncompleteTransfer(f"protocol error {where}: {exc}")
+    if isinstance(exc, asyncio.CancelledError):
+        return IncompleteTransfer(f"call cancelled by the transport {where}")
+    return IncompleteTransfer(f"{type(exc).__name__} {where}: {exc}")
+
+
+async def run(loop: TrioEventLoop, coro: Coroutine[Any, Any, T], where: str) -> T:
+    """Run an asyncio coroutine from trio, mapping its failure to a FilesError.
+
+    Cancellation: trio.Cancelled propagates once the asyncio side has
+    stopped (see :meth:`TrioEventLoop.run_asyncio`).
+    """
+    try:
+        return await loop.run_asyncio(coro)
+    except trio.Cancelled:
+        raise
+    except FilesError:
+        raise
+    except Exception as exc:  # the edge: every foreign error stops here
+        raise map_exception(exc, where) from exc
+    except asyncio.CancelledError as exc:  # a BaseException since 3.8
+        raise map_exception(exc, where) from exc

@@ -1,0 +1,244 @@
+"""Every use of a private name of asyncio, grpclib, h2 or hyperframe, in one place.
+
+Each exists because the public API cannot do the job, and says why. The
+suite runs against the oldest and newest releases the dependency pins admit
+(``nox -s deps``), so a change upstream shows there first. Nothing here does
+I/O of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpclib.client
+import grpclib.exceptions
+import grpclib.protocol
+import grpclib.server
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import h2.stream
+import hyperframe.frame
+
+# -- asyncio -------------------------------------------------------------------
+
+# asyncio marks the loop that is running a callback in a per-thread slot that
+# asyncio.get_running_loop(), current_task() and every Future/Event/Lock
+# created without a loop read. A loop implementation sets it around its
+# callbacks; these two functions (listed in asyncio.events.__all__, used by
+# uvloop and trio-asyncio alike) are the only way to do so.
+_get_running_loop = asyncio.events._get_running_loop
+_set_running_loop = asyncio.events._set_running_loop
+
+
+class running_loop:  # noqa: N801 -- used as a context manager, like a function
+    """Mark ``loop`` as the running asyncio loop for the block (cheap: it
+    wraps every batch of callbacks)."""
+
+    __slots__ = ("_loop", "_previous")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._previous: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> None:
+        self._previous = _get_running_loop()
+        _set_running_loop(self._loop)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _set_running_loop(self._previous)
+
+
+# -- hyperframe ----------------------------------------------------------------
+
+
+def _cheap_data_frame_repr(self: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# h2 logs repr(frame) for every frame it receives, at trace level but built
+# eagerly, and a DATA frame's repr copies and hex-encodes its whole payload:
+# a quarter of a download's CPU. Only that debug text changes.
+if "_body_repr" not in hyperframe.frame.DataFrame.__dict__:
+    hyperframe.frame.DataFrame._body_repr = _cheap_data_frame_repr  # type: ignore[method-assign, assignment]
+
+
+# -- h2: settings and DATA frames -------------------------------------------
+
+
+def announce_frame_size(protocol: grpclib.protocol.H2Protocol, size: int) -> None:
+    """Announce and accept DATA frames up to ``size`` on a new connection.
+
+    grpclib has no setting for it; its H2Connection is ``connection._connection``.
+    """
+    h2_connection: h2.connection.H2Connection = protocol.connection._connection
+    h2_connection.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: size})
+    # Accept larger frames now rather than at the peer's ACK: h2 applies a new
+    # limit only from its next receive_data call on, so a large frame read
+    # together with the ACK would be refused as too long.
+    h2_connection.max_inbound_frame_size = size
+    protocol.connection.flush()
+
+
+#: HTTP/2 frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
+_DATA_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA_FRAME_TYPE = hyperframe.frame.DataFrame.type
+
+
+def send_data_frame(
+    h2_connection: h2.connection.H2Connection, stream_id: int, payload: memoryview
+) -> tuple[bytes, memoryview]:
+    """One DATA frame as h2's ``send_data`` would make it, without its copies.
+
+    h2 copies a frame's payload five times on the way to the socket (to
+    bytes, into the frame, behind its header, into its buffer, out of it);
+    at upload rates that is most of the CPU an upload costs. This does h2's
+    bookkeeping for the frame (state checks, both flow-control windows) through
+    its state machines, and hands back what to write: whatever h2 had queued
+    before it plus the frame header, then the payload itself. The caller
+    checks the window and the peer's frame size limit first, as h2's
+    ``send_data`` requires.
+
+    Raises:
+        h2.exceptions.ProtocolError: the connection or stream cannot send
+            data (closed or reset), exactly as ``send_data`` would.
+    """
+    size = len(payload)
+    h2_connection.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+    h2_stream = h2_connection.streams[stream_id]
+    h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+    h2_stream.outbound_flow_control_window -= size
+    h2_connection.outbound_flow_control_window -= size
+    header = _DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA_FRAME_TYPE, 0, stream_id)
+    return h2_connection.data_to_send() + header, payload
+
+
+# -- grpclib: streams ----------------------------------------------------------
+#
+# grpclib's Stream hides the HTTP/2 stream it drives (``_stream``) and the
+# Wrapper that turns a reset into an error in the waiting task (``_wrapper``);
+# the fast paths below need both, and keep grpclib's bookkeeping as its own
+# send_message / recv_message would.
+
+
+def h2_stream_of(
+    stream: grpclib.client.Stream[Any, Any] | grpclib.server.Stream[Any, Any],
+) -> grpclib.protocol.Stream:
+    return stream._stream
+
+
+def guarded(stream: grpclib.client.Stream[Any, Any]) -> Any:
+    """grpclib's Wrapper for a client stream: a reset, a lost connection or
+    the deadline raises in whichever task is waiting inside it."""
+    return stream._wrapper
+
+
+def h2_parts(
+    h2_stream: grpclib.protocol.Stream,
+) -> tuple[h2.connection.H2Connection, asyncio.Transport]:
+    return h2_stream._h2_connection, h2_stream._transport
+
+
+def client_initial_metadata_pending(stream: grpclib.client.Stream[Any, Any]) -> bool:
+    return not stream._recv_initial_metadata_done
+
+
+def count_sent_reply(stream: grpclib.server.Stream[Any, Any]) -> None:
+    """The bookkeeping of grpclib's server send_message, for a reply sent
+    by the fast path."""
+    stream._send_message_done = True
+    stream._messages_sent += 1
+    stream._stream.connection.messages_sent += 1
+    stream._stream.connection.last_message_sent = time.monotonic()
+
+
+def reply_headers_pending(stream: grpclib.server.Stream[Any, Any]) -> bool:
+    return not stream._send_initial_metadata_done
+
+
+def count_received_request(stream: grpclib.server.Stream[Any, Any]) -> None:
+    """The bookkeeping of grpclib's server recv_message, for a message read
+    by the fast path (but not its RecvMessage event, which carries a decoded
+    message)."""
+    stream._messages_received += 1
+    stream._stream.connection.messages_received += 1
+    stream._stream.connection.last_message_received = time.monotonic()
+
+
+def status_received(stream: grpclib.client.Stream[Any, Any]) -> grpclib.exceptions.GRPCError | None:
+    """The non-OK status the peer already sent, if any, without waiting.
+
+    grpclib reads a status only by awaiting it; after a reset or a lost
+    connection that await raises StreamTerminatedError even though the
+    status arrived first (``_maybe_raise`` reads the headers it kept).
+    """
+    try:
+        stream._maybe_raise()
+    except grpclib.exceptions.GRPCError as status:
+        return status
+    except Exception:  # malformed headers: no status to report
+        return None
+    return None
+
+
+def abort_connection(stream: grpclib.server.Stream[Any, Any]) -> None:
+    """Drop a server stream's whole connection at once (fault injection)."""
+    stream._stream.connection._transport.abort()
+
+
+def set_authority(channel: grpclib.client.Channel, authority: str) -> None:
+    """grpclib derives ``:authority`` from host and port, and for a unix
+    socket from neither; peers behind a unix socket (tonic/hyper) reset
+    calls whose ``:authority`` is not a plain host name."""
+    channel._authority = authority
+
+
+# -- grpclib: a reset after a complete response ----------------------------
+
+
+def keep_complete_responses(protocol: grpclib.protocol.H2Protocol) -> None:
+    """Keep a response the peer completed before resetting the stream.
+
+    RFC 9113 §8.1: a server may answer before the request is complete and
+    then send RST_STREAM(NO_ERROR); the client must not discard that
+    response. grpclib terminates the stream on any reset, which poisons
+    every later read and drops the buffered reply. Here a NO_ERROR reset of
+    a stream whose response already ended (END_STREAM received: grpclib's
+    ``buffer._eof``) only marks it :func:`finished_early`; any other reset
+    is grpclib's as before. grpclib has no hook for it but its processor's
+    dispatch table.
+    """
+    processor = protocol.processor
+    on_reset: Callable[[h2.events.StreamReset], None] = processor.processors[h2.events.StreamReset]
+
+    def stream_reset(event: h2.events.StreamReset) -> None:
+        stream = processor.streams.get(event.stream_id) if event.stream_id is not None else None
+        if (
+            stream is not None
+            and stream.buffer._eof
+            and event.remote_reset
+            and event.error_code == h2.errors.ErrorCodes.NO_ERROR
+        ):
+            stream.boxfiles_finished_early = True  # type: ignore[attr-defined]
+            stream.window_updated.set()  # a sender waiting for window looks again
+            return
+        on_reset(event)
+
+    processor.processors[h2.events.StreamReset] = stream_reset
+
+
+def finished_early(h2_stream: grpclib.protocol.Stream) -> bool:
+    """The peer completed its response and then reset the stream (NO_ERROR):
+    it wants nothing more of the request."""
+    return getattr(h2_stream, "boxfiles_finished_early", False)

@@ -1,0 +1,730 @@
+"""An asyncio event loop that lives inside trio: every callback runs in the
+trio thread, and every socket is waited on by trio.
+
+grpclib is written for asyncio. Rather than a second event loop (in a thread,
+or trio-asyncio's replacement of asyncio's event-loop policy), grpclib runs
+on :class:`TrioEventLoop`: a minimal :class:`asyncio.AbstractEventLoop` that
+provides what grpclib and asyncio's own Future, Task, Event, Lock and Queue
+use (``call_soon``, timers, futures and tasks, connections and a listener
+over non-blocking sockets) and nothing else. Its ready queue is run by a
+trio task, and inline by whichever trio task is waiting for asyncio, so a
+call that needs no I/O costs no task switch at all.
+
+Only public asyncio API is used, but for marking the loop as running while
+its callbacks run; that one reach-in lives in :mod:`._internals`.
+
+Structured: a loop exists only inside :func:`open_loop`; on exit every
+asyncio task still pending is cancelled and waited for, every connection is
+aborted, and every trio task the loop started has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import itertools
+import logging
+import math
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, final
+
+import trio
+
+from ._internals import running_loop
+
+log = logging.getLogger("boxfiles")
+
+T = TypeVar("T")
+
+#: Bytes asked of the kernel per receive (asyncio's selector loop uses the same).
+READ_SIZE = 256 * 1024
+
+#: Unsent bytes a transport may hold before it asks its protocol to pause
+#: (asyncio's default is 64 KiB, less than one HTTP/2 frame of ours, which
+#: would make every frame wait for a pause/resume round trip). The protocol
+#: resumes at a quarter of it.
+WRITE_BUFFER_HIGH = 256 * 1024
+
+#: Kernel send buffer asked for on a unix socket (Linux's default is about
+#: 208 KiB, less than one chunk). With room for a whole chunk the sender
+#: writes straight to the socket instead of waking for every few frames the
+#: receiver reads: a third less client CPU against a receiver slower than
+#: the sender. The kernel caps it at net.core.wmem_max. TCP sockets keep
+#: their autotuning, which a fixed size would switch off.
+UNIX_SEND_BUFFER = 1024 * 1024
+
+#: How long a shielded clean-up (cancelled asyncio tasks finishing, channel
+#: close) may take before it is abandoned; none of them waits on a peer, so
+#: this is only a backstop against a coroutine that ignores cancellation.
+CLEANUP_TIMEOUT = 5.0
+
+#: Seconds a listener pauses after accept() fails for lack of resources
+#: (EMFILE and the like), as asyncio's own listener does.
+ACCEPT_BACKOFF = 1.0
+
+#: Callbacks run per turn of the driver before it lets other trio tasks run.
+_BATCH = 1024
+
+_Entry = tuple[asyncio.Handle, Callable[..., object], tuple[Any, ...], contextvars.Context]
+
+
+@final
+class TrioEventLoop(asyncio.AbstractEventLoop):
+    """The asyncio loop grpclib runs on. Made by :func:`open_loop`.
+
+    Methods that asyncio defines and grpclib never calls raise
+    NotImplementedError (the base class's behaviour).
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._ready: deque[_Entry] = deque()
+        self._timers: list[tuple[float, int, _Entry]] = []
+        self._sequence = itertools.count()
+        self._parked: trio.lowlevel.Task | None = None
+        self._transports: set[SocketTransport] = set()
+        self._scopes: set[trio.CancelScope] = set()
+        self._closed = False
+        self._token = trio.lowlevel.current_trio_token()
+        #: Called with each new protocol once its connection is made (the
+        #: bridge tunes HTTP/2 settings there).
+        self.on_connection: Callable[[asyncio.BaseProtocol], None] | None = None
+
+    # -- running callbacks ---------------------------------------------------
+
+    def _schedule(self, entry: _Entry) -> None:
+        self._ready.append(entry)
+        if self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
+
+    def run_ready(self) -> None:
+        """Run the callbacks that are due, as the loop's running turn."""
+        now = self.time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            self._ready.append(heapq.heappop(timers)[2])
+        if not self._ready:
+            return
+        with running_loop(self):
+            for _ in range(min(len(self._ready), _BATCH)):
+                handle, callback, args, context = self._ready.popleft()
+                if handle.cancelled():
+                    continue
+                try:
+                    context.run(callback, *args)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self.call_exception_handler(
+                        {"message": f"exception in callback {callback!r}", "exception": exc}
+                    )
+
+    def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _drive(self) -> None:
+        while True:
+            self.run_ready()
+            if self._ready:
+                await trio.lowlevel.checkpoint()
+                continue
+            deadline = self._timers[0][0] if self._timers else math.inf
+            # Parked until a callback is scheduled or the next timer is due.
+            with trio.CancelScope(deadline=deadline):
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+
+    # -- asyncio's scheduling API --------------------------------------------
+
+    def call_soon(
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        context = contextvars.copy_context() if context is None else context
+        handle = asyncio.Handle(callback, args, self, context)
+        self._schedule((handle, callback, args, context))
+        return handle
+
+    def call_soon_threadsafe(
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        context = contextvars.copy_context() if context is None else context
+        handle = asyncio.Handle(callback, args, self, context)
+        self._token.run_sync_soon(self._schedule, (handle, callback, args, context))
+        return handle
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        context = contextvars.copy_context() if context is None else context
+        handle = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._timers, (when, next(self._sequence), (handle, callback, args, context)))
+        if self._parked is not None:  # it may now have an earlier deadline
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
+        return handle
+
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        return self.call_at(self.time() + delay, callback, *args, context=context)
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        # Called by TimerHandle.cancel(); a cancelled entry is skipped when due.
+        pass
+
+    def time(self) -> float:
+        return trio.current_time()
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(  # type: ignore[override]
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        if context is None:
+            return asyncio.Task(coro, loop=self, name=name)
+        return asyncio.Task(coro, loop=self, name=name, context=context)
+
+    def is_running(self) -> bool:
+        return not self._closed
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def get_debug(self) -> bool:
+        return False
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        log.error("asyncio: %s", context.get("message"), exc_info=context.get("exception"))
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    # -- the trio side -------------------------------------------------------
+
+    async def _wait(self, future: asyncio.Future[Any]) -> None:
+        # Run what is ready first: a call that needs no I/O is done by then.
+        self.run_ready()
+        if future.done():
+            return
+        task = trio.lowlevel.current_task()
+
+        def wake(_: asyncio.Future[Any]) -> None:
+            if waiting:
+                trio.lowlevel.reschedule(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            nonlocal waiting
+            waiting = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        waiting = True
+        future.add_done_callback(wake)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            waiting = False
+            future.remove_done_callback(wake)
+
+    async def run_asyncio(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run an asyncio coroutine on this loop and return its result.
+
+        Cancellation: if the trio caller is cancelled, the asyncio task is
+        cancelled and waited for (shielded, at most CLEANUP_TIMEOUT) before
+        trio.Cancelled propagates: nothing keeps running behind the caller.
+
+        Raises:
+            Whatever the coroutine raises (asyncio.CancelledError included,
+            if something on the asyncio side cancelled it).
+        """
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            coro.close()  # never to run: not "never awaited" either
+            raise
+        task = self.create_task(coro)
+        try:
+            await self._wait(task)
+        except BaseException:
+            task.cancel()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                while not task.done():
+                    await self._wait(task)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the caller's error is the news
+            raise
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return task.result()
+
+    async def run_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await, from asyncio, ``fn(*args)`` run as a trio task of this loop.
+
+        If the awaiting asyncio task is cancelled, the trio task is cancelled
+        and waited for before asyncio.CancelledError propagates.
+        """
+        done = self.create_future()
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            try:
+                with scope:
+                    try:
+                        result = await fn(*args)
+                    except Exception as exc:
+                        if not done.done():
+                            done.set_exception(exc)
+                        return
+                    if not done.done():
+                        done.set_result(result)
+            finally:
+                if not done.done():  # cancelled, or a BaseException on its way out
+                    done.cancel()
+
+        self.start_soon(run)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            scope.cancel()
+            # Structured: the trio task ends before its awaiter does.
+            while not done.done():
+                try:
+                    await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    continue
+                except BaseException:
+                    break
+            raise
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Start a trio task that lives as long as this loop at most.
+
+        It is shielded from the cancellation of the loop's block: the loop
+        ends its tasks itself, in order, when it closes (a server's handlers
+        are cancelled by grpclib, and connections aborted, while the driver
+        still runs the callbacks that takes).
+        """
+        self._nursery.start_soon(self._own, fn, args)
+
+    async def _own(self, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            self._scopes.add(scope)
+            try:
+                await fn(*args)
+            finally:
+                self._scopes.discard(scope)
+
+    # -- connections ---------------------------------------------------------
+
+    def _connect(
+        self, sock: socket.socket, protocol_factory: Callable[[], asyncio.BaseProtocol]
+    ) -> tuple[SocketTransport, asyncio.BaseProtocol]:
+        with running_loop(self):
+            protocol = protocol_factory()
+            transport = SocketTransport(self, sock, protocol)
+            protocol.connection_made(transport)
+            if self.on_connection is not None:
+                self.on_connection(protocol)
+        transport.start()
+        return transport, protocol
+
+    async def create_unix_connection(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        path: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[SocketTransport, asyncio.BaseProtocol]:
+        if path is None or kwargs.get("ssl") or kwargs.get("sock") is not None:
+            raise NotImplementedError("only a plain unix socket path is supported")
+        sock = await self.run_trio(_connect_unix, path)
+        return self._connect(sock, protocol_factory)
+
+    async def create_connection(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[SocketTransport, asyncio.BaseProtocol]:
+        if host is None or port is None or kwargs.get("ssl") or kwargs.get("sock") is not None:
+            raise NotImplementedError("only a plain TCP host and port are supported")
+        sock = await self.run_trio(_connect_tcp, host, port)
+        return self._connect(sock, protocol_factory)
+
+    async def create_server(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: object = None,
+        port: object = None,
+        *,
+        sock: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> Listener:
+        if sock is None or host is not None or port is not None or kwargs.get("ssl"):
+            raise NotImplementedError("only an already listening socket is supported")
+        listener = Listener(self, sock, protocol_factory)
+        self.start_soon(listener.run)
+        return listener
+
+    async def create_unix_server(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        path: str | None = None,
+        *,
+        sock: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> Listener:
+        return await self.create_server(protocol_factory, path, sock=sock, **kwargs)
+
+    # -- the end ---------------------------------------------------------------
+
+    async def _close(self) -> None:
+        for transport in list(self._transports):
+            transport.abort()
+        pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            while not task.done():
+                await self._wait(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("asyncio task failed at close: %r", task.exception())
+        self.run_ready()  # connection_lost callbacks, done callbacks
+        self._closed = True
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return socket.socket(fileno=sock.detach())
+
+
+async def _connect_tcp(host: str, port: int) -> socket.socket:
+    stream = await trio.open_tcp_stream(host, port)
+    return socket.socket(fileno=stream.socket.detach())
+
+
+#: The innermost loop opened by this task (its block's code sees it; tests
+#: use it to check that no asyncio task is left behind).
+current_loop: contextvars.ContextVar[TrioEventLoop | None] = contextvars.ContextVar(
+    "boxfiles_loop", default=None
+)
+
+
+@asynccontextmanager
+async def open_loop() -> AsyncIterator[TrioEventLoop]:
+    """A :class:`TrioEventLoop` for the duration of the block.
+
+    On exit (cancellation and errors included) pending asyncio tasks are
+    cancelled and waited for and connections aborted, shielded and bounded
+    by CLEANUP_TIMEOUT; no trio task the loop started outlives the block.
+    The nursery's exceptions are the caller's to collapse.
+    """
+    async with trio.open_nursery() as nursery:
+        loop = TrioEventLoop(nursery)
+        loop.start_soon(loop._drive)
+        token = current_loop.set(loop)
+        try:
+            yield loop
+        finally:
+            current_loop.reset(token)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                await loop._close()
+            for scope in loop._scopes:
+                scope.cancel()
+
+
+@final
+class SocketTransport(asyncio.Transport):
+    """An asyncio transport over a non-blocking socket, waited on by trio.
+
+    Writes go straight to the socket when it takes them; only what it does
+    not take is copied into the transport's buffer, and a trio task sends
+    that once the socket is writable. Reads are done by a trio task, which
+    hands the data to the protocol inside the loop's running turn.
+    """
+
+    def __init__(
+        self, loop: TrioEventLoop, sock: socket.socket, protocol: asyncio.BaseProtocol
+    ) -> None:
+        super().__init__({"socket": sock})
+        sock.setblocking(False)
+        if sock.family == socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+        try:
+            self._extra["peername"] = sock.getpeername()
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            pass
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._buffer = bytearray()
+        self._high = WRITE_BUFFER_HIGH
+        self._low = WRITE_BUFFER_HIGH // 4
+        self._paused = False  # the protocol was asked to pause writing
+        self._closing = False  # close() or abort() called: no more writes
+        self._lost = False  # connection_lost scheduled: the socket is closed
+        self._reading = trio.Event()
+        self._reading.set()
+        self._writer: trio.lowlevel.Task | None = None
+        self._flushed = trio.Event()  # set when the reader should stop waiting
+        loop._transports.add(self)
+
+    def start(self) -> None:
+        self._loop.start_soon(self._read_loop)
+        self._loop.start_soon(self._write_loop)
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        sock = self._sock
+        protocol: Any = self._protocol
+        try:
+            while not self._closing:
+                if not self._reading.is_set():
+                    await self._reading.wait()
+                    continue
+                try:
+                    data = sock.recv(READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+                if not data:
+                    with running_loop(self._loop):
+                        keep_open = protocol.eof_received()
+                    if not keep_open:
+                        self.close()
+                    return
+                with running_loop(self._loop):
+                    protocol.data_received(data)
+                self._loop.run_ready()
+                await trio.lowlevel.checkpoint()
+        except trio.ClosedResourceError:
+            return
+
+    def pause_reading(self) -> None:
+        self._reading = trio.Event()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def is_reading(self) -> bool:
+        return self._reading.is_set() and not self._closing
+
+    # -- writing ---------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            return  # asyncio drops these too; the connection's loss tells why
+        if not data:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._buffer += data  # the unsent tail: the caller may reuse its buffer
+        if self._writer is not None:
+            task, self._writer = self._writer, None
+            trio.lowlevel.reschedule(task)
+        if not self._paused and len(self._buffer) > self._high:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
+        self._writer = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _write_loop(self) -> None:
+        sock = self._sock
+        try:
+            while True:
+                if not self._buffer:
+                    if self._closing:
+                        self._lose(None)
+                        return
+                    self._writer = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+                    continue
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent = sock.send(self._buffer)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+                del self._buffer[:sent]
+                if self._paused and len(self._buffer) <= self._low:
+                    self._paused = False
+                    with running_loop(self._loop):
+                        self._protocol.resume_writing()
+                    self._loop.run_ready()
+        except trio.ClosedResourceError:
+            return
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = WRITE_BUFFER_HIGH if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    # -- closing ---------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading; close once what is buffered has been sent."""
+        if self._closing:
+            return
+        self._closing = True
+        if not self._buffer:
+            self._lose(None)
+        elif self._writer is not None:
+            task, self._writer = self._writer, None
+            trio.lowlevel.reschedule(task)
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is unsent."""
+        self._closing = True
+        self._buffer.clear()
+        self._lose(None)
+
+    def _fail(self, exc: OSError) -> None:
+        log.debug("connection failed: %r", exc)
+        self._closing = True
+        self._buffer.clear()
+        self._lose(exc)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._loop._transports.discard(self)
+        # Wake the trio tasks waiting on the socket before it goes.
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        if self._writer is not None:
+            task, self._writer = self._writer, None
+            trio.lowlevel.reschedule(task)
+        self._reading.set()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+
+@final
+class Listener(asyncio.AbstractServer):
+    """Accepts connections on a listening socket the caller owns (and keeps:
+    closing the listener stops accepting, it does not close the socket)."""
+
+    def __init__(
+        self,
+        loop: TrioEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._factory = protocol_factory
+        self._scope = trio.CancelScope()
+        self._stopped = loop.create_future()
+
+    async def run(self) -> None:
+        sock = self._sock
+        sock.setblocking(False)
+        try:
+            with self._scope:
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    except OSError as exc:
+                        log.warning("accepting a connection failed: %s", exc)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    self._loop._connect(conn, self._factory)
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if not self._stopped.done():
+                self._stopped.set_result(None)
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._stopped)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return not self._stopped.done() and not self._scope.cancel_called
+
+    async def start_serving(self) -> None:
+        pass
+
+    async def serve_forever(self) -> None:
+        await asyncio.shield(self._stopped)
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()

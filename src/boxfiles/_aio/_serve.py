@@ -1,0 +1,200 @@
+"""The server side of the edge: trio handlers served by grpclib's server."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
+
+import grpclib.const
+import grpclib.exceptions
+import grpclib.server
+import trio
+from google.protobuf.message import Message
+
+from .._errors import FilesError, RemoteError, ResourceExhausted
+from .._supervise import one_error
+from . import _frames, _internals
+from ._edge import Method, run
+from ._frames import FRAME_LIMIT, MessageTooLarge
+from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
+
+log = logging.getLogger("boxfiles")
+
+RecvT = TypeVar("RecvT", bound=Message)
+SendT = TypeVar("SendT", bound=Message)
+RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
+SendT_contra = TypeVar("SendT_contra", bound=Message, contravariant=True)
+
+_FROM_CLIENT = "receiving from the client"
+
+
+class ServerCall(Protocol[RecvT_co, SendT_contra]):
+    """The server's side of one RPC, seen from trio.
+
+    A Protocol, so a test rig can wrap a call to inject faults.
+    """
+
+    #: The client's address, ``host:port``, or ``"unix"``.
+    peer: str
+
+    async def recv(self) -> RecvT_co | None:
+        """The next message, or None once the client ended its side cleanly.
+
+        A client reset does not return: it cancels the handler.
+        """
+        ...
+
+    async def recv_encoded(self) -> bytes | None:
+        """The next message's encoded bytes, as :meth:`recv` but for the
+        caller to decode (without copying its payload)."""
+        ...
+
+    async def send(self, message: SendT_contra, /) -> None: ...
+
+    async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
+        """Send the response headers now, with ``metadata`` (ASCII keys and
+        values); :meth:`send` sends them bare if this was not called first."""
+        ...
+
+    def abort_connection(self) -> None:
+        """Drop the whole connection at once (no GOAWAY, no status)."""
+        ...
+
+
+@final
+class _GrpclibServerCall(Generic[RecvT, SendT]):
+    """A grpclib server stream as a :class:`ServerCall`."""
+
+    def __init__(
+        self,
+        loop: TrioEventLoop,
+        stream: grpclib.server.Stream[RecvT, SendT],
+        request_type: type[RecvT],
+    ) -> None:
+        self._loop = loop
+        self._stream = stream
+        self._request_type = request_type
+        addr = stream.peer.addr() if stream.peer is not None else None
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+
+    async def recv(self) -> RecvT | None:
+        body = await self.recv_encoded()
+        if body is None:
+            return None
+        message = self._request_type()
+        message.ParseFromString(body)
+        return message
+
+    async def recv_encoded(self) -> bytes | None:
+        try:
+            return await run(
+                self._loop, _frames.recv_encoded_from_client(self._stream), _FROM_CLIENT
+            )
+        except FilesError as exc:
+            if isinstance(exc.__cause__, MessageTooLarge):
+                raise ResourceExhausted(str(exc.__cause__)) from exc.__cause__
+            raise
+
+    async def send(self, message: SendT, /) -> None:
+        await run(self._loop, _frames.send_reply(self._stream, message), "sending to the client")
+
+    async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
+        await run(
+            self._loop,
+            self._stream.send_initial_metadata(metadata=dict(metadata)),
+            "sending to the client",
+        )
+
+    def abort_connection(self) -> None:
+        _internals.abort_connection(self._stream)
+
+
+#: A trio-flavoured handler: returns normally for OK, raises RemoteError for a
+#: status. Any other exception becomes INTERNAL and is logged.
+Handler = Callable[[ServerCall[Any, Any]], Awaitable[None]]
+
+
+def _adapt(
+    loop: TrioEventLoop, method: Method[Any, Any], handler: Handler
+) -> Callable[[grpclib.server.Stream[Any, Any]], Coroutine[Any, Any, None]]:
+    async def handle(stream: grpclib.server.Stream[Any, Any]) -> None:
+        try:
+            await loop.run_trio(handler, _GrpclibServerCall(loop, stream, method.request_type))
+        except RemoteError as exc:
+            raise grpclib.exceptions.GRPCError(
+                grpclib.const.Status(exc.status.value), exc.message
+            ) from None
+        except FilesError as exc:
+            raise grpclib.exceptions.GRPCError(grpclib.const.Status.INTERNAL, str(exc)) from None
+        except Exception:
+            log.exception("handler failed")
+            raise grpclib.exceptions.GRPCError(
+                grpclib.const.Status.INTERNAL, "internal server error"
+            ) from None
+
+    return handle
+
+
+@final
+class _Service:
+    """grpclib's view of a mapping of trio handlers."""
+
+    def __init__(self, loop: TrioEventLoop, handlers: Mapping[Method[Any, Any], Handler]) -> None:
+        self._loop = loop
+        self._handlers = handlers
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            method.path: grpclib.const.Handler(
+                _adapt(self._loop, method, handler),
+                method.cardinality,
+                method.request_type,
+                method.reply_type,
+            )
+            for method, handler in self._handlers.items()
+        }
+
+
+def _tune(protocol: Any) -> None:
+    _internals.announce_frame_size(protocol, FRAME_LIMIT)
+
+
+async def _start(handlers: list[_Service], sock: socket.socket) -> grpclib.server.Server:
+    # Made on the loop: grpclib's Server takes the running loop as its own.
+    server = grpclib.server.Server(handlers)
+    await server.start(sock=sock)
+    return server
+
+
+async def _stop(server: grpclib.server.Server) -> None:
+    # Handlers are cancelled (their clients see a reset) and waited for;
+    # the loop's close then drops every connection still open.
+    server.close()
+    await server.wait_closed()
+
+
+async def serve(
+    sock: socket.socket,
+    handlers: Mapping[Method[Any, Any], Handler],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``handlers`` on the listening socket ``sock`` until cancelled.
+
+    On cancellation the listener stops, calls in flight are cancelled
+    (their clients see a reset), connections are dropped, and this returns
+    only once all of that has ended. The socket is owned by the caller.
+    """
+    with one_error():
+        async with open_loop() as loop:
+            loop.on_connection = _tune
+            server = await run(loop, _start([_Service(loop, handlers)], sock), "starting the server")
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                    await loop.run_asyncio(_stop(server))
+    raise AssertionError("unreachable")  # sleep_forever only ends by raising
