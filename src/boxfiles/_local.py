@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Protocol, final, runtime_checkable
+from typing import Protocol, cast, final, runtime_checkable
 
 import trio
 
@@ -38,6 +38,13 @@ class AsyncWriter(Protocol):
     """Anything with ``async def write(data)``; a ``trio.open_file`` object fits."""
 
     async def write(self, data: bytes, /) -> object: ...
+
+
+def _has_method(value: object, name: str) -> bool:
+    # Not isinstance(value, AsyncReader): since Python 3.12 that looks for
+    # the method statically, and misses one provided by __getattr__, as
+    # trio.open_file's wrapper provides all of its file's methods.
+    return not isinstance(value, (str, os.PathLike)) and callable(getattr(value, name, None))
 
 
 Source = str | os.PathLike[str] | AsyncReader
@@ -265,8 +272,8 @@ async def open_source(
         LocalIOError: a path that cannot be opened, or is a directory.
         TypeError: ``source`` is neither a path nor a reader.
     """
-    if isinstance(source, AsyncReader):
-        yield ChunkReader(_object_read_fn(source), chunk_size)
+    if _has_method(source, "read"):
+        yield ChunkReader(_object_read_fn(cast(AsyncReader, source)), chunk_size)
         return
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
@@ -350,8 +357,8 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
         LocalIOError: the temporary file cannot be created, written or renamed.
         TypeError: ``dest`` is neither a path nor a writer.
     """
-    if isinstance(dest, AsyncWriter):
-        yield ChunkWriter(_object_write_fn(dest))
+    if _has_method(dest, "write"):
+        yield ChunkWriter(_object_write_fn(cast(AsyncWriter, dest)))
         return
     if not isinstance(dest, (str, os.PathLike)):
         raise TypeError(f"dest must be a path or have async write(data), not {type(dest).__name__}")
