@@ -421,10 +421,14 @@ async def _upload(
             raise IncompleteTransfer("the server ended the upload without a response")
         if not response.success:
             raise UploadRejected(response.error or "upload failed")
-        await all_sent.wait()
         await call.finish()
+        if not all_sent.is_set():
+            # A complete OK answer before the request was: the server has all
+            # it wants (RFC 9113 §8.1), and what is left unread is moot.
+            answered.cancel()
 
-    await supervise(read, send, receive)
+    with trio.CancelScope() as answered:
+        await supervise(read, send, receive)
 
 
 async def _download(

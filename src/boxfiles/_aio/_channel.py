@@ -61,6 +61,9 @@ class ClientCall(Generic[SendT, RecvT]):
         self._stream = stream
         self._reply_type = reply_type
         self._where = where
+        self._request_ended = False
+        #: The peer's complete, OK answer came before the request was ended.
+        self.answered_early = False
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
@@ -91,6 +94,7 @@ class ClientCall(Generic[SendT, RecvT]):
 
     async def send(self, message: SendT, *, end: bool = False) -> None:
         await self._call(self._stream.send_message(message, end=end))
+        self._request_ended = end
 
     async def send_encoded(self, *pieces: bytes | memoryview) -> None:
         """Send messages already encoded for the wire (5-byte gRPC prefix
@@ -107,6 +111,7 @@ class ClientCall(Generic[SendT, RecvT]):
         """End the request (END_STREAM); a no-op once :attr:`finished_early`."""
         if not self.finished_early:
             await self._call(self._stream.end())
+        self._request_ended = True
 
     async def recv(self) -> RecvT | None:
         """The next message, or None once the peer ended its side cleanly."""
@@ -134,8 +139,19 @@ class ClientCall(Generic[SendT, RecvT]):
         return {key: value for key, value in received.items() if isinstance(value, str)}
 
     async def finish(self) -> None:
-        """Wait for the peer's status; raise its RemoteError unless OK."""
-        await self._call(self._stream.recv_trailing_metadata())
+        """Wait for the peer's status; raise its RemoteError unless OK.
+
+        The peer may answer in full before the request is complete (RFC 9113
+        §8.1); its status then counts, and :attr:`answered_early` is set:
+        the request need not be sent on.
+        """
+        if self._request_ended:
+            await self._call(self._stream.recv_trailing_metadata())
+            return
+        # grpclib reads a status only once the request has ended.
+        await self._call(_frames.recv_trailers(self._stream))
+        self.raise_for_status()
+        self.answered_early = True
 
 
 @final
@@ -174,7 +190,8 @@ class Channel:
         try:
             await run(self._loop, stream.send_request(), self._where)
             sent = True
-            yield ClientCall(self._loop, stream, method.reply_type, self._where)
+            call = ClientCall(self._loop, stream, method.reply_type, self._where)
+            yield call
         except BaseException as exc:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                 try:
@@ -183,7 +200,13 @@ class Channel:
                     log.debug("reset after %r failed: %r", exc, cleanup)
             raise
         else:
-            await run(self._loop, stream.__aexit__(None, None, None), self._where)
+            if call.answered_early:
+                # Closed as a call abandoned midway (RST_STREAM if still
+                # open, no wait for a status already read).
+                early = FinishedEarly()
+                await run(self._loop, stream.__aexit__(FinishedEarly, early, None), self._where)
+            else:
+                await run(self._loop, stream.__aexit__(None, None, None), self._where)
 
 
 async def _reset(

@@ -137,6 +137,17 @@ async def recv_encoded(stream: grpclib.client.Stream[Any, Any]) -> bytes | None:
         return await _recv_body(_internals.h2_stream_of(stream))
 
 
+async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:
+    """Wait for the peer's trailers (or the end of a trailers-only response)."""
+    with _internals.guarded(stream):
+        h2_stream = _internals.h2_stream_of(stream)
+        if _internals.client_initial_metadata_pending(stream):
+            await stream.recv_initial_metadata()
+        if h2_stream.headers is not None and any(k == "grpc-status" for k, _ in h2_stream.headers):
+            return  # trailers-only: the status came with the headers
+        await h2_stream.recv_trailers()
+
+
 async def recv_encoded_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes | None:
     """grpclib's server recv_message without the decode."""
     body = await _recv_body(_internals.h2_stream_of(stream))
