@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -28,14 +29,14 @@ class Peer:
 
     conn: trio.socket.SocketType
     h2: h2.connection.H2Connection
-    events: list[h2.events.Event] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
 
     async def flush(self) -> None:
         data = self.h2.data_to_send()
         if data:
             await self.conn.send(data)
 
-    async def until(self, kind: type[h2.events.Event]) -> h2.events.Event:
+    async def until(self, kind: type[Any]) -> Any:
         """Read until an event of ``kind`` arrives (EOF raises EOFError)."""
         while True:
             for event in self.events:
@@ -62,7 +63,9 @@ async def h2_server(path: Path) -> AsyncIterator[tuple[str, trio.MemoryReceiveCh
         while True:
             conn, _ = await listener.accept()
             accepted.append(conn)
-            peer = Peer(conn, h2.connection.H2Connection(h2.config.H2Configuration(client_side=False)))
+            peer = Peer(
+                conn, h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            )
             peer.h2.initiate_connection()
             await peer.flush()
             await send.send(peer)

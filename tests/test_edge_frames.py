@@ -73,8 +73,7 @@ async def answer_then_reset(
     """Take the request's HEADERS and first DATA, answer, reset; return the
     stream id."""
     request = await peer.until(h2.events.RequestReceived)
-    sid = request.stream_id
-    assert sid is not None
+    sid: int = request.stream_id
     await peer.until(h2.events.DataReceived)
     peer.h2.send_headers(sid, GRPC_HEADERS)
     if response is not None:
@@ -178,8 +177,11 @@ async def test_client_refuses_an_oversized_message(sock_dir: Path, tmp_path: Pat
 
         nursery.start_soon(serve)
         async with boxfiles.open_client(target) as client:
-            with trio.fail_after(PROMPT), pytest.raises(
-                boxfiles.IncompleteTransfer, match=f"over the limit of {MAX_MESSAGE_BYTES}"
+            with (
+                trio.fail_after(PROMPT),
+                pytest.raises(
+                    boxfiles.IncompleteTransfer, match=f"over the limit of {MAX_MESSAGE_BYTES}"
+                ),
             ):
                 await client.download_tar("/d", tmp_path / "out.tar")
         nursery.cancel_scope.cancel()
@@ -218,7 +220,6 @@ async def test_server_refuses_an_oversized_message(server: str, root: Path) -> N
                         break
     assert int(status) == boxfiles.Status.RESOURCE_EXHAUSTED
     assert list(root.iterdir()) == []
-
 
 
 async def test_a_client_gone_mid_download_costs_one_line(

@@ -30,7 +30,7 @@ from .._errors import FilesError, IncompleteTransfer, RemoteError, remote_error
 from .._supervise import one_error
 from .._target import Target, UnixTarget
 from . import _frames, _internals
-from ._edge import Method, map_exception, run
+from ._edge import Method, run
 from ._frames import FRAME_LIMIT, FinishedEarly
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
@@ -158,9 +158,7 @@ class ClientCall(Generic[SendT, RecvT]):
 class Channel:
     """A grpclib channel owned by trio code. Made by :func:`open_channel`."""
 
-    def __init__(
-        self, loop: TrioEventLoop, channel: grpclib.client.Channel, where: str
-    ) -> None:
+    def __init__(self, loop: TrioEventLoop, channel: grpclib.client.Channel, where: str) -> None:
         self._loop = loop
         self._channel = channel
         self._where = where
@@ -258,4 +256,3 @@ async def open_channel(target: Target) -> AsyncIterator[Channel]:
             finally:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                     await loop.run_asyncio(_close_channel(channel))
-

@@ -37,7 +37,7 @@ _get_running_loop = asyncio.events._get_running_loop
 _set_running_loop = asyncio.events._set_running_loop
 
 
-class running_loop:  # noqa: N801 -- used as a context manager, like a function
+class running_loop:
     """Mark ``loop`` as the running asyncio loop for the block (cheap: it
     wraps every batch of callbacks)."""
 
@@ -220,7 +220,9 @@ def keep_complete_responses(protocol: grpclib.protocol.H2Protocol) -> None:
     dispatch table.
     """
     processor = protocol.processor
-    on_reset: Callable[[h2.events.StreamReset], None] = processor.processors[h2.events.StreamReset]
+    on_reset: Callable[[h2.events.StreamReset], None] = processor.processors[  # type: ignore[assignment]
+        h2.events.StreamReset
+    ]
 
     def stream_reset(event: h2.events.StreamReset) -> None:
         stream = processor.streams.get(event.stream_id) if event.stream_id is not None else None

@@ -73,11 +73,12 @@ _Entry = tuple[asyncio.Handle, Callable[..., object], tuple[Any, ...], contextva
 
 
 @final
-class TrioEventLoop(asyncio.AbstractEventLoop):
+class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
     """The asyncio loop grpclib runs on. Made by :func:`open_loop`.
 
     Methods that asyncio defines and grpclib never calls raise
-    NotImplementedError (the base class's behaviour).
+    NotImplementedError (the base class's behaviour; typeshed calls them
+    abstract, hence the type-check exemptions for this class).
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
@@ -142,7 +143,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
 
     # -- asyncio's scheduling API --------------------------------------------
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -153,7 +154,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
         self._schedule((handle, callback, args, context))
         return handle
 
-    def call_soon_threadsafe(
+    def call_soon_threadsafe(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -164,7 +165,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
         self._token.run_sync_soon(self._schedule, (handle, callback, args, context))
         return handle
 
-    def call_at(
+    def call_at(  # type: ignore[override]
         self,
         when: float,
         callback: Callable[..., object],
@@ -173,13 +174,15 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.TimerHandle:
         context = contextvars.copy_context() if context is None else context
         handle = asyncio.TimerHandle(when, callback, args, self, context)
-        heapq.heappush(self._timers, (when, next(self._sequence), (handle, callback, args, context)))
+        heapq.heappush(
+            self._timers, (when, next(self._sequence), (handle, callback, args, context))
+        )
         if self._parked is not None:  # it may now have an earlier deadline
             task, self._parked = self._parked, None
             trio.lowlevel.reschedule(task)
         return handle
 
-    def call_later(
+    def call_later(  # type: ignore[override]
         self,
         delay: float,
         callback: Callable[..., object],
@@ -207,7 +210,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.Task[T]:
         if context is None:
             return asyncio.Task(coro, loop=self, name=name)
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        return asyncio.Task(coro, loop=self, name=name, context=context)  # type: ignore[call-arg,unused-ignore]
 
     def is_running(self) -> bool:
         return not self._closed
@@ -232,6 +235,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
         if future.done():
             return
         task = trio.lowlevel.current_task()
+        waiting = True
 
         def wake(_: asyncio.Future[Any]) -> None:
             if waiting:
@@ -242,7 +246,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):
             waiting = False
             return trio.lowlevel.Abort.SUCCEEDED
 
-        waiting = True
         future.add_done_callback(wake)
         try:
             await trio.lowlevel.wait_task_rescheduled(abort)
@@ -448,7 +451,7 @@ async def open_loop() -> AsyncIterator[TrioEventLoop]:
     The nursery's exceptions are the caller's to collapse.
     """
     async with trio.open_nursery() as nursery:
-        loop = TrioEventLoop(nursery)
+        loop = TrioEventLoop(nursery)  # type: ignore[abstract]
         loop.start_soon(loop._drive)
         token = current_loop.set(loop)
         try:
@@ -474,15 +477,16 @@ class SocketTransport(asyncio.Transport):
     def __init__(
         self, loop: TrioEventLoop, sock: socket.socket, protocol: asyncio.BaseProtocol
     ) -> None:
-        super().__init__({"socket": sock})
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+        extra: dict[str, Any] = {"socket": sock}
         try:
-            self._extra["peername"] = sock.getpeername()
-            self._extra["sockname"] = sock.getsockname()
+            extra["peername"] = sock.getpeername()
+            extra["sockname"] = sock.getsockname()
         except OSError:
             pass
+        super().__init__(extra)
         self._loop = loop
         self._sock = sock
         self._protocol = protocol

@@ -190,7 +190,9 @@ async def serve(
     with one_error():
         async with open_loop() as loop:
             loop.on_connection = _tune
-            server = await run(loop, _start([_Service(loop, handlers)], sock), "starting the server")
+            server = await run(
+                loop, _start([_Service(loop, handlers)], sock), "starting the server"
+            )
             try:
                 task_status.started()
                 await trio.sleep_forever()

@@ -196,6 +196,9 @@ class _FaultyCall:
             self._record.sizes.append(len(message.data))
         await self._call.send(message)
 
+    async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
+        await self._call.send_initial_metadata(metadata)
+
     def abort_connection(self) -> None:
         self._call.abort_connection()
 
