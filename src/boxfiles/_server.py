@@ -98,8 +98,8 @@ def _remote_from_os(err: OSError, what: str) -> RemoteError:
 
 @final
 class _Transfer:
-    """The one log line of a transfer: INFO when it succeeded, WARNING with
-    the status when it did not."""
+    """The one log line of a transfer: INFO when it succeeded or was a
+    download of nothing (NOT_FOUND), WARNING with the status otherwise."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -130,6 +130,10 @@ class _Transfer:
             self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, NotFound) and self.kind == "download":
+            # Routine: copy_in probes its destination with a Download first.
+            self._log(logging.INFO, f"{exc.status.name}: {exc.message}")
+            return
         if isinstance(exc, RemoteError):
             outcome = f"{exc.status.name}: {exc.message}"
         elif isinstance(exc, trio.Cancelled):
