@@ -464,6 +464,45 @@ HOSTILE = [
 ]
 
 
+RESERVED = f"{STAGING_PREFIX}0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        # Anywhere in an entry's name, a hard link's or a symlink's target.
+        pytest.param(files(**{f"{RESERVED}/tree/x": b"x"}), f"{RESERVED}/tree/x", id="top"),
+        pytest.param(files(**{f"a/{RESERVED}": b"x"}), f"a/{RESERVED}", id="last"),
+        pytest.param(files(**{f"./a/{RESERVED}/b": b"x"}), f"a/{RESERVED}/b", id="middle"),
+        pytest.param(
+            archive(member(f"{RESERVED}/", type=tarfile.DIRTYPE)), RESERVED, id="directory"
+        ),
+        pytest.param(
+            archive(member("l", type=tarfile.SYMTYPE, linkname=f"../{RESERVED}/tree")),
+            f"entry l \\(a link to ../{RESERVED}/tree\\)",
+            id="symlink-target",
+        ),
+        pytest.param(
+            archive(member("f", b"x"), member("h", type=tarfile.LNKTYPE, linkname=f"{RESERVED}")),
+            f"hard link h -> {RESERVED}",
+            id="hardlink-target",
+        ),
+    ],
+)
+async def test_reserved_names_in_an_archive_are_refused(
+    server: str, tree: Path, data: bytes, named: str
+) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.InvalidArgument,
+        f"^INVALID_ARGUMENT: archive .*{named}.* is reserved for upload staging",
+        server,
+        data,
+        "/",
+        source_is_dir=True,
+    )
+
+
 @pytest.mark.parametrize(("data", "named"), HOSTILE)
 async def test_hostile_archive_is_refused(
     server: str, tree: Path, tmp_path: Path, data: bytes, named: str
@@ -594,6 +633,8 @@ async def test_client_deadline_leaves_nothing(server: str, tree: Path) -> None:
         f"//{STAGING_PREFIX}",
         f"./{STAGING_PREFIX}2",
         f"/./{STAGING_PREFIX}3",
+        f"/data/{STAGING_PREFIX}4",
+        f"/data/{STAGING_PREFIX}5/x",
     ],
 )
 async def test_staging_names_are_reserved(server: str, tree: Path, path: str) -> None:
