@@ -313,6 +313,42 @@ async def test_uploads_into_a_mounted_volume(server: str, root: Path, vol: Path)
     ]
 
 
+async def test_a_merge_crosses_into_a_mounted_volume(server: str, root: Path, vol: Path) -> None:
+    # Staged on the root's filesystem, placed partly into the volume: what
+    # goes there is copied onto its mount first, then renamed into place.
+    (vol / "old").write_text("old")
+    (root / "z").mkdir()
+    tree = archive(
+        member("a", b"root fs"),
+        member("vol/new/", type=tarfile.DIRTYPE, mode=0o750),
+        member("vol/new/f", b"new", mode=0o640),
+        member("vol/new/l", type=tarfile.SYMTYPE, linkname="f"),
+        member("vol/old", b"replaced"),
+    )
+    await upload(server, tree, "/", source_is_dir=True, overwrite=True)
+    assert (root / "a").read_bytes() == b"root fs"
+    assert (vol / "new" / "f").read_bytes() == b"new"
+    assert os.readlink(vol / "new" / "l") == "f"
+    assert stat.S_IMODE((vol / "new").stat().st_mode) == 0o750
+    assert (vol / "new").stat().st_mtime == 1_600_000_000
+    assert (vol / "old").read_bytes() == b"replaced"
+    assert no_staging(root)
+
+    # The same crossing, then a conflict ("z" comes last): all undone, the
+    # volume's own times included, and no staging left on either mount.
+    before, before_times = listing(root), times(root)
+    tree = archive(
+        member("a", b"again"),
+        member("vol/more", b"more"),
+        member("vol/old", b"again"),
+        member("z", b"a file onto a directory"),
+    )
+    with pytest.raises(boxfiles.FailedPrecondition, match="cannot replace the directory /z"):
+        await upload(server, tree, "/", source_is_dir=True, overwrite=True)
+    assert listing(root) == before
+    assert times(root) == before_times
+
+
 async def test_upload_staged_in_a_volume_is_hidden_and_refused(
     server: str, root: Path, vol: Path
 ) -> None:

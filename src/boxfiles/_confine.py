@@ -11,7 +11,9 @@ thread.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -361,3 +363,42 @@ def remove_tree(dir_fd: int, name: str) -> None:
                 os.unlink(child, dir_fd=walk.fd)
     finally:
         walk.close()
+
+
+def locked_staging(host_fd: int) -> tuple[int, str]:
+    """Create a staging directory in ``host_fd``; return its fd, locked, and name.
+
+    The lock (flock, released when the fd closes, so also by a crash) tells
+    a sweep the directory is alive. A sweep can take a directory in the
+    moment between its mkdir and its lock; it removes it holding the lock,
+    so the creator, once it gets the lock, sees it gone and starts again.
+    """
+    while True:
+        name = STAGING_PREFIX + secrets.token_hex(8)
+        try:
+            os.mkdir(name, 0o700, dir_fd=host_fd)
+        except FileExistsError:
+            continue
+        fd = os.open(name, DIR_FLAGS, dir_fd=host_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, name
+        except BaseException:
+            os.close(fd)
+            remove_tree(host_fd, name)
+            raise
+        os.close(fd)
+
+
+def mount_of(fd: int) -> int:
+    """An id of the mount ``fd`` is on: rename works only within one mount
+    (a bind mount of the same filesystem included), so st_dev is not enough."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1 - os.fstat(fd).st_dev  # no /proc: the filesystem, as a fallback

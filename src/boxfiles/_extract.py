@@ -25,7 +25,10 @@ from ._confine import (
     check_name,
     components,
     locate,
+    locked_staging,
     make_dir,
+    mount_of,
+    remove_tree,
 )
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from ._paxtime import mtime_ns
@@ -36,6 +39,9 @@ from ._tarstream import ChunkStream, next_member, open_archive, write_member
 #: sticky bit is kept (the client's copy_out keeps 0o777): a container's
 #: /tmp-like directories need it, a host user's destination does not.
 MODE_MASK = 0o1777
+
+#: Bytes copied per call when a staged file must cross to another mount.
+_COPY_STEP = 8 * 1024 * 1024
 
 #: Bits a staged directory has until placement is done: its owner must be
 #: able to move it and the entries in it, even when not root.
@@ -362,12 +368,22 @@ class Placement:
         self._moved: dict[tuple[str, ...], _Where] = {}
         os.mkdir("trash", 0o700, dir_fd=staging_fd)
         self._trash_fd = self._keep(os.open("trash", DIR_FLAGS, dir_fd=staging_fd))
+        #: Trash per mount (see _trash), and the staging made on other mounts.
+        self._trashes = {mount_of(staging_fd): self._trash_fd}
+        self._foreign: list[tuple[_Where, str]] = []
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
 
     def close(self) -> None:
+        try:
+            for where, name in self._foreign:  # what they hold is replaced content
+                remove_tree(self._at(where), name)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         for cursor in self._cursors.values():
             cursor.close()
         self._cursors.clear()
@@ -418,14 +434,38 @@ class Placement:
         self._trashed += 1
         return str(self._trashed)
 
+    def _trash(self, where: _Where, dst_fd: int) -> int:
+        """The trash on the mount of the directory ``dst_fd`` (at ``where``):
+        the staging's, or one made there the first time a destination lies
+        on another mount (a volume inside the root), so every placing step
+        is still a rename within one mount."""
+        mount = mount_of(dst_fd)
+        trash = self._trashes.get(mount)
+        if trash is None:
+            self._touch(where, dst_fd)
+            trash, name = locked_staging(dst_fd)
+            self._trashes[mount] = self._keep(trash)
+            self._foreign.append((where, name))
+            self._journal.did(lambda: remove_tree(self._at(where), name))
+        return trash
+
+    def _near(self, src_fd: int, src: str, where: _Where, dst_fd: int) -> tuple[int, str, int]:
+        """``src`` as a directory fd and name on the destination's mount
+        (copied there when it is not), and that mount's trash."""
+        trash = self._trash(where, dst_fd)
+        if trash == self._trash_fd:
+            return src_fd, src, trash
+        copy = self._spare()
+        _copy_tree(src_fd, src, trash, copy)
+        return trash, copy, trash
+
     def _add(self, src_fd: int, src: str, where: _Where, dst_fd: int, dst: str) -> None:
         """Move the new entry ``src`` to ``dst``, where nothing is."""
         self._touch(where, dst_fd)
+        src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
         os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         self._journal.did(
-            lambda: os.rename(
-                dst, self._spare(), src_dir_fd=self._at(where), dst_dir_fd=self._trash_fd
-            )
+            lambda: os.rename(dst, self._spare(), src_dir_fd=self._at(where), dst_dir_fd=trash)
         )
 
     def _replace(
@@ -435,16 +475,17 @@ class Placement:
         if not self._overwrite:
             raise AlreadyExists(f"already exists: {shown}")
         self._touch(where, dst_fd)
+        src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
         spare = self._spare()
         put_back = lambda: os.rename(  # noqa: E731
-            spare, dst, src_dir_fd=self._trash_fd, dst_dir_fd=self._at(where)
+            spare, dst, src_dir_fd=trash, dst_dir_fd=self._at(where)
         )
         try:
             # Keep the old entry by a hard link, then rename over it: readers
             # see the old or the new entry, never neither.
-            os.link(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=self._trash_fd, follow_symlinks=False)
+            os.link(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash, follow_symlinks=False)
         except OSError:  # e.g. fs.protected_hardlinks: fall back to two renames
-            os.rename(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=self._trash_fd)
+            os.rename(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash)
             self._journal.did(put_back)
             self._add(src_fd, src, where, dst_fd, dst)
             return
@@ -545,3 +586,59 @@ class Placement:
             if moved is not None:
                 return moved[0], moved[1] + parts[i:]
         return None
+
+
+def _copy_tree(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """Copy the staged entry ``src`` (a file, symlink or directory tree) to
+    ``dst``, on another mount: modes and mtimes kept, one fd per tree."""
+    walk = TreeWalk(src_fd, names=[src])
+    out = DirCursor(dst_fd)
+    try:
+        for name, st, leaving in walk:
+            target = name if walk.path else dst
+            if leaving:
+                # Times last: filling the directory changed them.
+                os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
+                os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                out.up()
+            elif stat.S_ISDIR(st.st_mode):
+                os.mkdir(target, 0o700, dir_fd=out.fd)
+                walk.descend(name)
+                out.down(target)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=walk.fd), target, dir_fd=out.fd)
+                os.utime(
+                    target,
+                    ns=(st.st_atime_ns, st.st_mtime_ns),
+                    dir_fd=out.fd,
+                    follow_symlinks=False,
+                )
+            else:  # staging holds nothing else
+                _copy_file(walk.fd, name, st, out.fd, target)
+    finally:
+        walk.close()
+        out.close()
+
+
+def _copy_file(src_fd: int, src: str, st: os.stat_result, dst_fd: int, dst: str) -> None:
+    inp = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        out = os.open(
+            dst,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dst_fd,
+        )
+        try:
+            offset = 0
+            while offset < st.st_size:
+                sent = os.sendfile(out, inp, offset, min(st.st_size - offset, _COPY_STEP))
+                if not sent:
+                    raise OSError(errno.EIO, "staged file shrank", src)
+                offset += sent
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(out)
+    finally:
+        os.close(inp)

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import socket
 import stat
 import time
@@ -33,6 +32,7 @@ from ._confine import (
     check_name,
     components,
     locate,
+    locked_staging,
     make_dir,
     remove_tree,
 )
@@ -170,7 +170,7 @@ class _Staging:
             host_fd = _staging_host(root_fd, dest_path)
             try:
                 host = os.fstat(host_fd)
-                fd, name = _locked_dir(host_fd)
+                fd, name = locked_staging(host_fd)
                 try:
                     # Mode of a directory archive without a "./" entry: the
                     # staged tree may become the destination itself.
@@ -233,32 +233,6 @@ def _staging_host(root_fd: int, dest_path: str) -> int:
         dest.close()
 
 
-def _locked_dir(host_fd: int) -> tuple[int, str]:
-    """Create a staging directory in ``host_fd``; return its fd, locked, and name.
-
-    The lock (flock, released when the fd closes, so also by a crash) tells
-    a sweep the directory is alive. A sweep can take a directory in the
-    moment between its mkdir and its lock; it removes it holding the lock,
-    so the creator, once it gets the lock, sees it gone and starts again.
-    """
-    while True:
-        name = STAGING_PREFIX + secrets.token_hex(8)
-        try:
-            os.mkdir(name, 0o700, dir_fd=host_fd)
-        except FileExistsError:
-            continue
-        fd = os.open(name, DIR_FLAGS, dir_fd=host_fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink:
-                return fd, name
-        except BaseException:
-            os.close(fd)
-            remove_tree(host_fd, name)
-            raise
-        os.close(fd)
-
-
 #: Filesystem types a sweep does not walk into: kernel views, not storage an
 #: upload could have staged in (a container root may have them mounted).
 _PSEUDO_FS = frozenset(
@@ -317,7 +291,7 @@ def sweep_stale_staging(root: Path) -> list[str]:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                remove_tree(walk.fd, name)  # holding the lock: see _locked_dir
+                remove_tree(walk.fd, name)  # holding the lock: see locked_staging
             except BlockingIOError:
                 continue  # in use
             except Exception as err:  # a server must start even beside debris it cannot remove
