@@ -439,11 +439,11 @@ async def test_a_live_servers_staging_is_kept(root: Path, sock_dir: Path) -> Non
 
             nursery.start_soon(stalled)
             await wait_for_staging(root)
-            staged = snapshot(root)
+            staged = os.listdir(root / "data")
             # A second server starting on the same root sweeps around it.
             async with server_process(root, sock_dir / "second.sock"):
                 pass
-            assert snapshot(root).keys() == staged.keys()
+            assert os.listdir(root / "data") == staged
             nursery.cancel_scope.cancel()
 
 
