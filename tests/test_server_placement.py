@@ -497,3 +497,26 @@ async def test_server_without_root_places_read_only_directories(
         assert (top / "ro" / "g").read_bytes() == b"more"
         assert (top / "ro").stat().st_uid == NOBODY
     assert no_staging(nobody_root)
+
+
+# -- a file that shrinks while it is downloaded --------------------------------
+
+
+async def test_a_file_that_shrinks_fails_the_download(server: str, root: Path) -> None:
+    size = 64 * 1024 * 1024  # far more than the channel and flow-control windows hold
+    with open(root / "big", "wb") as f:
+        f.truncate(size)
+    received = 0
+
+    class Shrinking:
+        async def write(self, data: bytes) -> None:
+            nonlocal received
+            if not received:
+                os.truncate(root / "big", 1024)
+            received += len(data)
+
+    async with boxfiles.open_client(server) as client:
+        with pytest.raises(boxfiles.Internal, match="big shrank while being read") as info:
+            await client.download_tar("/big", Shrinking())
+    assert info.value.status == boxfiles.Status.ABORTED
+    assert received < size

@@ -17,7 +17,7 @@ from typing import final
 import trio
 
 from ._confine import DIR_FLAGS, STAGING_PREFIX, Located, TreeWalk, components, locate
-from ._errors import NotFound
+from ._errors import Internal, NotFound, Status
 from ._paxtime import set_mtime_ns
 
 #: Bytes read from a file at a time.
@@ -177,8 +177,11 @@ class _Packer:
             left = st.st_size
             while left:
                 data = os.read(fd, min(left, READ_SIZE))
-                if not data:  # shrank while being read: keep the header's promise
-                    data = bytes(min(left, READ_SIZE))
+                if not data:
+                    # Fail the download rather than pad it with zeros, as the
+                    # client's copy_in fails an upload: the client then keeps
+                    # nothing of it.
+                    raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
                 self._sink.write(data)
                 left -= len(data)
             if st.st_size % tarfile.BLOCKSIZE:
@@ -195,6 +198,7 @@ def pack(plan: PackPlan, sink: Sink) -> None:
 
     Raises:
         OSError: reading the tree failed.
+        Internal: ABORTED, a file shrank while being read.
         trio.Cancelled, trio.BrokenResourceError: from the sink.
     """
     _Packer(sink).tree(plan.source.dir_fd, plan.source.name, plan.arcname)
