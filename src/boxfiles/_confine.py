@@ -37,7 +37,8 @@ STAGING_PREFIX = ".boxfiles-staging-"
 #: than keeping one per level. Counted: root, staging host, staging, staged
 #: tree, extraction parent cache and its walk, the file being written,
 #: destination, trash, the merge's two cursors and one being opened, the
-#: undo cursor, created parents; a few spare.
+#: undo cursor, created parents; a few spare. A merge that reaches into
+#: other mounts (volumes) holds one more per mount (its trash there).
 MAX_FDS = 16
 
 
@@ -244,10 +245,19 @@ class Created:
                 os.rmdir(cursor.up(), dir_fd=cursor.fd)
         finally:
             cursor.close()
-        os.utime(self.dir_fd, ns=self.times)
+        restore_times(self.dir_fd, self.times)
 
     def close(self) -> None:
         os.close(self.dir_fd)
+
+
+def restore_times(fd: int, times: tuple[int, int]) -> None:
+    """Put back a directory's (atime, mtime) in ns, when allowed: setting
+    times takes ownership (or root), which writing into it does not."""
+    try:
+        os.utime(fd, ns=times)
+    except PermissionError:
+        pass
 
 
 def _join(names: list[str], last: str = "") -> str:

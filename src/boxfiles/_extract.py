@@ -29,6 +29,7 @@ from ._confine import (
     make_dir,
     mount_of,
     remove_tree,
+    restore_times,
 )
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from ._paxtime import mtime_ns
@@ -428,7 +429,7 @@ class Placement:
             return
         self.touched.add(key)
         times = (st.st_atime_ns, st.st_mtime_ns)
-        self._journal.did(lambda: os.utime(self._at(where), ns=times))
+        self._journal.did(lambda: restore_times(self._at(where), times))
 
     def _spare(self) -> str:
         self._trashed += 1

@@ -1,7 +1,7 @@
 """The reference Files server: serve_files() and its two handlers.
 
 An upload is extracted, while it is still arriving, into a hidden staging
-directory inside the container root, then moved into place under a
+directory on its destination's filesystem, then moved into place under a
 per-container lock; whatever goes wrong, the staging is removed and the tree
 is left as it was. A download is packed on the fly. Every path is resolved
 inside the container root (see :mod:`boxfiles._confine`).
@@ -35,6 +35,7 @@ from ._confine import (
     locked_staging,
     make_dir,
     remove_tree,
+    restore_times,
 )
 from ._errors import (
     AlreadyExists,
@@ -209,7 +210,7 @@ class _Staging:
         try:
             remove_tree(self.host_fd, self.name)  # still locked: no sweep races it
             if not self.placed_in_host:
-                os.utime(self.host_fd, ns=self.host_times)
+                restore_times(self.host_fd, self.host_times)
         finally:
             os.close(self.fd)
             os.close(self.host_fd)
