@@ -470,6 +470,9 @@ async def test_server_without_root_places_read_only_directories(
     os.chmod(sock_dir, 0o777)  # nobody creates its socket here
     (nobody_root / "data").mkdir()
     os.chown(nobody_root / "data", NOBODY, NOBODY)
+    (nobody_root / "shared").mkdir()
+    os.chmod(nobody_root / "shared", 0o777)  # root's, writable by all
+    (nobody_root / "shared" / "f").write_text("root's")
     tree = archive(
         member("ro/", type=tarfile.DIRTYPE, mode=0o555),
         member("ro/sub/", type=tarfile.DIRTYPE, mode=0o500),
@@ -490,6 +493,12 @@ async def test_server_without_root_places_read_only_directories(
             await upload(target, tree, "/data", source_is_dir=True, overwrite=True)
         assert listing(nobody_root) == before
         assert times(nobody_root) == before_times
+        # A directory it may write but not own (its times cannot be put
+        # back): "a" is placed, then "f" refused and "a" undone; the refusal
+        # is still the one the client gets.
+        with pytest.raises(boxfiles.AlreadyExists, match="already exists: /shared/f"):
+            await upload(target, files(a=b"1", f=b"2"), "/shared", overwrite=False)
+        assert sorted(os.listdir(nobody_root / "shared")) == ["f"]
     for top in (nobody_root / "data" / "new", nobody_root / "data"):
         assert stat.S_IMODE((top / "ro").stat().st_mode) == 0o555
         assert stat.S_IMODE((top / "ro" / "sub").stat().st_mode) == 0o500
