@@ -447,6 +447,31 @@ async def test_a_live_servers_staging_is_kept(root: Path, sock_dir: Path) -> Non
             nursery.cancel_scope.cancel()
 
 
+async def test_a_failed_upload_keeps_what_another_changed_beside_its_staging(
+    server: str, root: Path
+) -> None:
+    (root / "data").mkdir()
+    os.utime(root / "data", (1_600_000_000, 1_600_000_000))
+    async with trio.open_nursery() as nursery:
+
+        async def stalled() -> None:
+            async with boxfiles.open_client(server) as client:
+                await client.upload_tar(Stalling(files(x=b"x" * 100_000)[:-2048]), "/data/x")
+
+        nursery.start_soon(stalled)
+        await wait_for_staging(root)  # in /data
+        await upload(server, files(b=b"1"), "/data/b")
+        changed = (root / "data").stat().st_mtime_ns
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        while not no_staging(root):
+            await trio.sleep(0.01)
+    # The cancelled upload's staging came and went; /data keeps the time of
+    # the upload that did change it (or later), not the time before both.
+    assert (root / "data").stat().st_mtime_ns >= changed
+    assert os.listdir(root / "data") == ["b"]
+
+
 # -- a server that is not root: restrictive modes come last -------------------
 
 

@@ -363,7 +363,7 @@ class Placement:
         self._trashed = 0
         self._dest: Located | None = None
         #: (st_dev, st_ino) of every directory whose entries placement changed.
-        self.touched: set[tuple[int, int]] = set()
+        self._touched: set[tuple[int, int]] = set()
         #: Staged directories moved as a whole: their path in the tree, and
         #: where they went.
         self._moved: dict[tuple[str, ...], _Where] = {}
@@ -425,9 +425,9 @@ class Placement:
         """Note that the directory ``fd`` (at ``where``) is about to change."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if key in self.touched:
+        if key in self._touched:
             return
-        self.touched.add(key)
+        self._touched.add(key)
         times = (st.st_atime_ns, st.st_mtime_ns)
         self._journal.did(lambda: restore_times(self._at(where), times))
 

@@ -152,17 +152,20 @@ class _Staging:
     It is made on the destination's own filesystem, so placing is a rename
     even into a volume mounted inside the root: in the destination when that
     is an existing directory, else in the deepest existing directory on the
-    way to it. Owns its fds; its host directory's times are put back when it
-    is removed, unless placement changed that directory.
+    way to it. Owns its fds. Its host directory's times are put back when it
+    is removed, unless something else (placement, another upload) changed
+    that directory meanwhile.
     """
 
     root_fd: int
     host_fd: int
+    #: The host's (atime, mtime) before the staging was made, and its mtime
+    #: just after.
     host_times: tuple[int, int]
+    host_made_ns: int
     fd: int
     name: str
     tree_fd: int
-    placed_in_host: bool = False
 
     @classmethod
     def create(cls, root: Path, dest_path: str) -> _Staging:
@@ -172,6 +175,7 @@ class _Staging:
             try:
                 host = os.fstat(host_fd)
                 fd, name = locked_staging(host_fd)
+                made_ns = os.fstat(host_fd).st_mtime_ns
                 try:
                     # Mode of a directory archive without a "./" entry: the
                     # staged tree may become the destination itself.
@@ -186,7 +190,8 @@ class _Staging:
         except BaseException:
             os.close(root_fd)
             raise
-        return cls(root_fd, host_fd, (host.st_atime_ns, host.st_mtime_ns), fd, name, tree_fd)
+        times = (host.st_atime_ns, host.st_mtime_ns)
+        return cls(root_fd, host_fd, times, made_ns, fd, name, tree_fd)
 
     def place(
         self,
@@ -200,16 +205,15 @@ class _Staging:
         placement = Placement(self.root_fd, self.fd, overwrite=overwrite)
         try:
             placement.run(staged, dest_path, file_mode=file_mode, mkdir_parents=mkdir_parents)
-            host = os.fstat(self.host_fd)
-            self.placed_in_host = (host.st_dev, host.st_ino) in placement.touched
         finally:
             placement.close()
 
     def remove(self) -> None:
         os.close(self.tree_fd)
         try:
+            untouched = os.fstat(self.host_fd).st_mtime_ns == self.host_made_ns
             remove_tree(self.host_fd, self.name)  # still locked: no sweep races it
-            if not self.placed_in_host:
+            if untouched:
                 restore_times(self.host_fd, self.host_times)
         finally:
             os.close(self.fd)
