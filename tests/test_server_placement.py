@@ -25,6 +25,7 @@ import trio
 import boxfiles
 from boxfiles._confine import MAX_FDS, STAGING_PREFIX, locate, remove_tree
 from boxfiles._server import sweep_stale_staging
+from boxfiles._wire import MAX_PATH_BYTES
 
 from .test_server_rows import (
     Stalling,
@@ -130,6 +131,19 @@ async def test_deep_tree_downloads_merges_and_rolls_back(server: str, deep_root:
     deep_chain(debris, DEEP)
     assert sweep_stale_staging(root) == [f"{chain_path(DEEP)}/{STAGING_PREFIX}dead"]
     assert snapshot(root).keys() == before.keys()
+
+
+async def test_dest_path_as_long_as_allowed_then_download(server: str, deep_root: Path) -> None:
+    levels = (MAX_PATH_BYTES - len("/f")) // 2  # "/d" per level
+    dest = "/" + chain_path(levels) + "/f"
+    assert len(dest) <= MAX_PATH_BYTES
+    await upload(server, files(f=b"deep"), dest, mkdir_parents=True)
+    data, _ = await download(server, "/", include_parent=False)
+    assert contents(data) == {f"./{chain_path(levels)}/f": b"deep"}
+    # And back again, merged onto itself.
+    assert data is not None
+    await upload(server, data, "/", overwrite=True, source_is_dir=True)
+    assert contents((await download(server, "/", include_parent=False))[0]) == contents(data)
 
 
 def test_remove_tree_deeper_than_the_recursion_limit(deep_root: Path) -> None:
