@@ -8,14 +8,13 @@ import logging
 import os
 import socket
 import stat
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
 import boxfiles
-from boxfiles._server import STAGING_PREFIX
+from boxfiles._confine import STAGING_PREFIX
 
 from .test_server_rows import contents, download, files, serving, upload
 
@@ -153,7 +152,7 @@ async def test_one_log_line_per_transfer(
     assert [(r.levelno, r.getMessage().split()[0]) for r in records] == [
         (logging.INFO, "upload"),
         (logging.INFO, "download"),
-        (logging.WARNING, "download"),
+        (logging.INFO, "download"),  # a routine probe, not a warning
     ]
     up, down, missing = (r.getMessage() for r in records)
     assert f"container='' path='/f' bytes={len(data)} duration=" in up
@@ -166,13 +165,17 @@ async def test_one_log_line_per_transfer(
 async def test_stale_staging_is_swept_at_start(
     root: Path, sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    old = time.time() - 3600
-    crashed, live, fresh = (root / f"{STAGING_PREFIX}{n}" for n in ("crashed", "live", "fresh"))
-    for path in (crashed, live, fresh):
+    # Staging is made beside or in the destination, so debris can be at any
+    # depth; a dead server's is removed whatever its age, a live one's kept.
+    (root / "a" / "b").mkdir(parents=True)
+    crashed, nested, live = (
+        root / f"{STAGING_PREFIX}crashed",
+        root / "a" / "b" / f"{STAGING_PREFIX}nested",
+        root / "a" / f"{STAGING_PREFIX}live",
+    )
+    for path in (crashed, nested, live):
         (path / "tree" / "sub").mkdir(parents=True)
         (path / "tree" / "sub" / "f").write_text("partial")
-    for path in (crashed, live):
-        os.utime(path, (old, old))
     holder = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # as a running upload holds it
@@ -180,8 +183,11 @@ async def test_stale_staging_is_swept_at_start(
             pass
     finally:
         os.close(holder)
-    assert sorted(p.name for p in root.iterdir()) == [fresh.name, live.name]
+    assert sorted(p.name for p in root.iterdir()) == ["a"]
+    assert sorted(p.name for p in (root / "a").iterdir()) == [live.name, "b"]
+    assert list((root / "a" / "b").iterdir()) == []
     assert f"removed stale staging {crashed.name}" in caplog.text
+    assert f"removed stale staging a/b/{nested.name}" in caplog.text
 
 
 async def test_sweep_leaves_what_is_not_a_staging_directory(root: Path, sock_dir: Path) -> None:

@@ -23,8 +23,9 @@ import trio
 
 import boxfiles
 from boxfiles._aio import open_channel
+from boxfiles._confine import STAGING_PREFIX
+from boxfiles._extract import MAX_DEPTH
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
-from boxfiles._server import STAGING_PREFIX
 from boxfiles._supervise import one_error
 from boxfiles._target import UnixTarget
 from boxfiles._tarstream import MAX_HEADER_READ
@@ -60,7 +61,24 @@ def listing(top: Path) -> dict[str, Entry]:
 
 
 def no_staging(root: Path) -> bool:
-    return not [name for name in os.listdir(root) if name.startswith(STAGING_PREFIX)]
+    """No upload staging anywhere under ``root`` (it is made beside or in
+    the destination)."""
+    return not [
+        name
+        for _, dirs, names in os.walk(root)
+        for name in dirs + names
+        if name.startswith(STAGING_PREFIX)
+    ]
+
+
+def times(top: Path) -> dict[str, int]:
+    """The mtime (ns) of every entry under ``top``, ``top`` included."""
+    found = {".": top.lstat().st_mtime_ns}
+    for where, dirs, names in os.walk(top):
+        for name in dirs + names:
+            path = Path(where, name)
+            found[str(path.relative_to(top))] = path.lstat().st_mtime_ns
+    return found
 
 
 def member(
@@ -174,11 +192,13 @@ async def expect_unchanged(
     dest: str,
     **options: object,
 ) -> boxfiles.FilesError:
-    """Upload, expect ``error`` whose message matches, and no change under root."""
-    before = listing(root)
+    """Upload, expect ``error`` whose message matches, and no change under
+    root: contents, modes and mtimes."""
+    before, before_times = listing(root), times(root)
     with pytest.raises(error, match=match) as info:
         await upload(target, data, dest, **options)
     assert listing(root) == before
+    assert times(root) == before_times
     assert no_staging(root)
     return info.value
 
@@ -304,7 +324,6 @@ async def test_mkdir_parents_creates_them(server: str, tree: Path) -> None:
         pytest.param(
             files(**{"a/x": b"1", "keep": b"2", "z": b"3"}), "/data", "/data/keep", id="dir-merge"
         ),
-        pytest.param(files(**{"d/x": b"1"}), "/etc/conf", "/etc/conf", id="dir-onto-file"),
     ],
 )
 async def test_exists_without_overwrite(
@@ -327,6 +346,52 @@ async def test_overwrite_replaces(server: str, tree: Path) -> None:
     await upload(server, files(**{"keep": b"2", "z": b"3"}), "/data", overwrite=True)
     assert (tree / "data" / "keep").read_bytes() == b"2"
     assert (tree / "data" / "z").read_bytes() == b"3"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(
+    ("data", "dest", "existing"),
+    [
+        # A directory archive onto a file: refused, not a tree in its place.
+        pytest.param(files(**{"d/x": b"1"}), "/etc/conf", "/etc/conf", id="dir-onto-file"),
+        pytest.param(files(x=b"1"), "/etc/conf", "/etc/conf", id="contents-onto-file"),
+        # In a merge: the archive's directory where the tree has a file...
+        pytest.param(files(**{"keep/x": b"1"}), "/data", "/data/keep", id="merge-dir-onto-file"),
+        # ...and a tree symlink counts as a file (a merge does not follow it).
+        pytest.param(files(**{"link/x": b"1"}), "/data", "/data/link", id="merge-dir-onto-link"),
+    ],
+)
+async def test_directory_never_replaces_a_file(
+    server: str, tree: Path, data: bytes, dest: str, existing: str, overwrite: bool
+) -> None:
+    (tree / "data" / "link").symlink_to("keep")
+    await expect_unchanged(
+        tree,
+        boxfiles.FailedPrecondition,
+        f"cannot replace the non-directory {existing} with a directory",
+        server,
+        data,
+        dest,
+        overwrite=overwrite,
+        source_is_dir=True,
+    )
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+async def test_file_never_replaces_a_directory_in_a_merge(
+    server: str, tree: Path, overwrite: bool
+) -> None:
+    (tree / "data" / "sub").mkdir()
+    await expect_unchanged(
+        tree,
+        boxfiles.FailedPrecondition,
+        "cannot replace the directory /data/sub with a non-directory",
+        server,
+        files(a=b"new", sub=b"file"),
+        "/data",
+        overwrite=overwrite,
+        source_is_dir=True,
+    )
 
 
 async def test_directory_is_not_replaced_by_a_file(server: str, tree: Path) -> None:
@@ -397,6 +462,45 @@ HOSTILE = [
         id="huge-pax-header",
     ),
 ]
+
+
+RESERVED = f"{STAGING_PREFIX}0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        # Anywhere in an entry's name, a hard link's or a symlink's target.
+        pytest.param(files(**{f"{RESERVED}/tree/x": b"x"}), f"{RESERVED}/tree/x", id="top"),
+        pytest.param(files(**{f"a/{RESERVED}": b"x"}), f"a/{RESERVED}", id="last"),
+        pytest.param(files(**{f"./a/{RESERVED}/b": b"x"}), f"a/{RESERVED}/b", id="middle"),
+        pytest.param(
+            archive(member(f"{RESERVED}/", type=tarfile.DIRTYPE)), RESERVED, id="directory"
+        ),
+        pytest.param(
+            archive(member("l", type=tarfile.SYMTYPE, linkname=f"../{RESERVED}/tree")),
+            f"entry l \\(a link to ../{RESERVED}/tree\\)",
+            id="symlink-target",
+        ),
+        pytest.param(
+            archive(member("f", b"x"), member("h", type=tarfile.LNKTYPE, linkname=f"{RESERVED}")),
+            f"hard link h -> {RESERVED}",
+            id="hardlink-target",
+        ),
+    ],
+)
+async def test_reserved_names_in_an_archive_are_refused(
+    server: str, tree: Path, data: bytes, named: str
+) -> None:
+    await expect_unchanged(
+        tree,
+        boxfiles.InvalidArgument,
+        f"^INVALID_ARGUMENT: archive .*{named}.* is reserved for upload staging",
+        server,
+        data,
+        "/",
+        source_is_dir=True,
+    )
 
 
 @pytest.mark.parametrize(("data", "named"), HOSTILE)
@@ -529,6 +633,8 @@ async def test_client_deadline_leaves_nothing(server: str, tree: Path) -> None:
         f"//{STAGING_PREFIX}",
         f"./{STAGING_PREFIX}2",
         f"/./{STAGING_PREFIX}3",
+        f"/data/{STAGING_PREFIX}4",
+        f"/data/{STAGING_PREFIX}5/x",
     ],
 )
 async def test_staging_names_are_reserved(server: str, tree: Path, path: str) -> None:
@@ -569,7 +675,7 @@ async def test_sparse_member(server: str, root: Path, tmp_path: Path, tar_format
 
 
 async def test_deeply_nested_entry_is_invalid_argument(server: str, tree: Path) -> None:
-    deep = "/".join(["d"] * 1100) + "/f"
+    deep = "/".join(["d"] * MAX_DEPTH) + "/f"  # one deeper than allowed
     await expect_unchanged(
         tree,
         boxfiles.InvalidArgument,

@@ -9,6 +9,7 @@ the root is left as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -16,14 +17,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import final
 
-from ._confine import DIR_FLAGS, Located, components, locate, make_dir
+from ._confine import (
+    DIR_FLAGS,
+    DirCursor,
+    Located,
+    TreeWalk,
+    check_name,
+    components,
+    locate,
+    locked_staging,
+    make_dir,
+    mount_of,
+    remove_tree,
+    restore_times,
+)
 from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from ._paxtime import mtime_ns
 from ._tarstream import ChunkStream, next_member, open_archive, write_member
 
 #: Permission bits kept from an archive: setuid and setgid are dropped, as an
-#: upload must not mint set-id executables owned by the server's user.
+#: upload must not mint set-id executables owned by the server's user. The
+#: sticky bit is kept (the client's copy_out keeps 0o777): a container's
+#: /tmp-like directories need it, a host user's destination does not.
 MODE_MASK = 0o1777
+
+#: Bytes copied per call when a staged file must cross to another mount.
+_COPY_STEP = 8 * 1024 * 1024
+
+#: Bits a staged directory has until placement is done: its owner must be
+#: able to move it and the entries in it, even when not root.
+_OWNER_RWX = 0o700
 
 
 @final
@@ -39,12 +62,17 @@ class Staged:
     single_file: bool = False
     #: The archive has a "./" entry: it is a directory's contents.
     root_entry: bool = False
+    #: Directories (path in the tree, mode) whose mode denies their owner
+    #: something: staged as ``mode | 0o700`` and given ``mode`` only once
+    #: everything is in place, deepest first.
+    restricted: list[tuple[list[str], int]] = field(default_factory=list)
 
 
-#: Deepest entry accepted: staging is walked and removed one directory (and
-#: one open descriptor) per level, so depth must stay well inside both the
-#: recursion and the file-descriptor limits.
-MAX_DEPTH = 256
+#: Deepest entry accepted (components), only to bound a hostile name: every
+#: walk holds one fd and no recursion whatever the depth. Twice the deepest
+#: dest_path (MAX_PATH_BYTES / 2 levels), so a tree built by uploads to deep
+#: paths can be downloaded and uploaded again.
+MAX_DEPTH = 4096
 
 
 def _entry_parts(name: str, what: str = "entry") -> list[str]:
@@ -55,61 +83,63 @@ def _entry_parts(name: str, what: str = "entry") -> list[str]:
         raise InvalidArgument(f"archive {what} contains ..: {name}")
     if len(parts) > MAX_DEPTH:
         raise InvalidArgument(f"archive {what} is nested deeper than {MAX_DEPTH}: {name[:64]}...")
+    for part in parts:
+        check_name(part, f"archive {what} {name}")
     return parts
 
 
 @final
 class _Tree:
-    """The staging tree, walked without ever following a symlink."""
+    """The staging tree, walked without ever following a symlink.
+
+    One cursor moves from entry to entry: an archive lists a directory's
+    entries together, so finding each entry's parent costs a step or two,
+    not its depth, and holds one fd.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._cached: tuple[tuple[str, ...], int] | None = None
+        self._cursor: DirCursor | None = None
 
     def parent(self, parts: list[str], entry: str, *, create: bool, missing: str = "") -> int:
-        """An fd of the directory holding ``parts[-1]`` (owned by the tree).
+        """An fd of the directory holding ``parts[-1]`` (owned by the tree,
+        valid until the next call).
 
         Missing directories are created, or refused with ``missing`` as the
         message.
         """
-        key = tuple(parts[:-1])
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
-        fd = os.dup(self.fd)
-        try:
-            for i, part in enumerate(key):
-                try:
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    if not create:
-                        raise InvalidArgument(missing) from None
-                    # A parent the archive does not list: as tar does.
-                    child = make_dir(fd, part, 0o755)
-                    os.close(fd)
-                    fd = child
-                    continue
-                if stat.S_ISLNK(st.st_mode):
+        if self._cursor is None:
+            self._cursor = DirCursor(self.fd)
+        cursor = self._cursor
+        key = parts[:-1]
+        while cursor.path != key[: len(cursor.path)]:
+            cursor.up()
+        while len(cursor.path) < len(key):
+            part = key[len(cursor.path)]
+            here = "/".join(key[: len(cursor.path) + 1])
+            try:
+                cursor.down(part)
+            except FileNotFoundError:
+                if not create:
+                    raise InvalidArgument(missing) from None
+                # A parent the archive does not list: as tar does.
+                os.close(make_dir(cursor.fd, part, 0o755))
+                cursor.down(part)
+            except OSError as err:
+                if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                # O_NOFOLLOW | O_DIRECTORY met a symlink or a non-directory.
+                if stat.S_ISLNK(os.stat(part, dir_fd=cursor.fd, follow_symlinks=False).st_mode):
                     raise InvalidArgument(
-                        f"archive entry {entry} goes through the symlink {'/'.join(key[: i + 1])}"
-                    )
-                if not stat.S_ISDIR(st.st_mode):
-                    raise InvalidArgument(
-                        f"archive entry {entry}: {'/'.join(key[: i + 1])} is not a directory"
-                    )
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        self.forget()
-        self._cached = (key, fd)
-        return fd
+                        f"archive entry {entry} goes through the symlink {here}"
+                    ) from err
+                raise InvalidArgument(f"archive entry {entry}: {here} is not a directory") from err
+        return cursor.fd
 
     def forget(self) -> None:
-        if self._cached is not None:
-            os.close(self._cached[1])
-            self._cached = None
+        if self._cursor is not None:
+            self._cursor.close()
+            self._cursor = None
 
     def clear(self, dir_fd: int, name: str, entry: str) -> None:
         """Make room for a non-directory entry (a later entry replaces an earlier one)."""
@@ -166,16 +196,19 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
     if stream.taken < end + tarfile.BLOCKSIZE:
         raise InvalidArgument(f"truncated archive: no end-of-archive block after {current}")
     # Directories last and deepest first, so adding their entries did not
-    # disturb the mtimes and read-only modes do not block extraction.
-    # Through an fd: a name could have been swapped for a symlink.
+    # disturb the mtimes. Modes that would lock their owner out wait for
+    # placement (see Staged.restricted). Through an fd: a name could have
+    # been swapped for a symlink.
     for parts, mode, mtime in sorted(dirs, key=lambda d: -len(d[0])):
         if parts:
             parent = tree.parent(parts, "/".join(parts), create=False)
             fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
         else:
             fd = os.dup(tree_fd)
+        if mode & _OWNER_RWX != _OWNER_RWX:
+            staged.restricted.append((parts, mode))
         try:
-            os.fchmod(fd, mode)
+            os.fchmod(fd, mode | _OWNER_RWX)
             os.utime(fd, ns=(mtime, mtime))
         except OverflowError as err:
             raise InvalidArgument(
@@ -243,6 +276,8 @@ def _extract_member(
         finally:
             os.close(fd)
     elif member.issym():
+        for part in components(member.linkname):
+            check_name(part, f"archive entry {name} (a link to {member.linkname})")
         tree.clear(parent, last, name)
         # Stored verbatim: a symlink is only ever followed by a later walk,
         # and every walk resolves it inside the root.
@@ -294,6 +329,10 @@ class Journal:
             raise errors[0]
 
 
+#: Where a placed directory is: ``path`` (names) below the directory ``base``.
+_Where = tuple[int, list[str]]
+
+
 @final
 class Placement:
     """Moves a staged tree into the container root, undoably.
@@ -301,6 +340,17 @@ class Placement:
     ``root_fd`` is the container root; ``staging_fd`` holds ``tree`` (the
     staged entries) and receives whatever is replaced (under ``trash``), so
     replaced entries can be put back and are removed with the staging.
+
+    Placement rules (as ``docker cp``): a non-directory replaces a
+    non-directory only with ``overwrite``; a directory merges into a
+    directory; a directory never replaces a non-directory nor the reverse,
+    whatever ``overwrite`` (FAILED_PRECONDITION naming the path), at the
+    destination and at every level of a merge. A symlink in the tree counts
+    as a non-directory: it is not followed by a merge.
+
+    Every walk holds one fd per tree, whatever the depth; undo steps record
+    where (a base fd and names below it), not an fd per level. A rolled-back
+    placement restores the times of every directory it changed.
     """
 
     def __init__(self, root_fd: int, staging_fd: int, *, overwrite: bool) -> None:
@@ -309,120 +359,287 @@ class Placement:
         self._overwrite = overwrite
         self._journal = Journal()
         self._fds: list[int] = []
+        self._cursors: dict[int, DirCursor] = {}
         self._trashed = 0
+        self._dest: Located | None = None
+        #: (st_dev, st_ino) of every directory whose entries placement changed.
+        self._touched: set[tuple[int, int]] = set()
+        #: Staged directories moved as a whole: their path in the tree, and
+        #: where they went.
+        self._moved: dict[tuple[str, ...], _Where] = {}
         os.mkdir("trash", 0o700, dir_fd=staging_fd)
         self._trash_fd = self._keep(os.open("trash", DIR_FLAGS, dir_fd=staging_fd))
+        #: Trash per mount (see _trash), and the staging made on other mounts.
+        self._trashes = {mount_of(staging_fd): self._trash_fd}
+        self._foreign: list[tuple[_Where, str]] = []
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
 
     def close(self) -> None:
+        try:
+            for where, name in self._foreign:  # what they hold is replaced content
+                remove_tree(self._at(where), name)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors.clear()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if self._dest is not None:
+            self._dest.close()
+            self._dest = None
 
     def run(self, staged: Staged, dest_path: str, *, file_mode: bool, mkdir_parents: bool) -> None:
         """Put the staged tree at ``dest_path``; on any error undo and re-raise."""
-        created: list[tuple[int, str]] = []
+        dest = self._dest = locate(
+            self._root_fd, dest_path, follow=True, missing="create" if mkdir_parents else "error"
+        )
         try:
-            dest = locate(
-                self._root_fd, dest_path, follow=True, created=created if mkdir_parents else None
-            )
-        except BaseException:
-            self._undo_created(created)
-            raise
-        self._keep(dest.dir_fd)
-        for fd, name in created:
-            self._keep(fd)
-            self._journal.did(lambda fd=fd, name=name: os.rmdir(name, dir_fd=fd))  # type: ignore[misc]
-        tree_fd = self._keep(os.open("tree", DIR_FLAGS, dir_fd=self._staging_fd))
-        try:
+            if dest.created is not None:
+                self._journal.did(dest.created.undo)
+            tree_fd = self._keep(os.open("tree", DIR_FLAGS, dir_fd=self._staging_fd))
             if file_mode:
                 self._place_file(tree_fd, staged.top[0], dest)
             else:
                 self._place_dir(tree_fd, dest)
+            self._restrict(staged.restricted)
         except BaseException:
             self._journal.roll_back()
             raise
 
-    def _undo_created(self, created: list[tuple[int, str]]) -> None:
-        for fd, name in reversed(created):
-            try:
-                os.rmdir(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+    def _at(self, where: _Where) -> int:
+        """An fd of the directory ``where`` (owned by the placement)."""
+        base, path = where
+        cursor = self._cursors.get(base)
+        if cursor is None:
+            cursor = self._cursors[base] = DirCursor(base)
+        return cursor.go(path)
 
-    def _move(self, src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    def _touch(self, where: _Where, fd: int) -> None:
+        """Note that the directory ``fd`` (at ``where``) is about to change."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self._touched:
+            return
+        self._touched.add(key)
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        self._journal.did(lambda: restore_times(self._at(where), times))
+
+    def _spare(self) -> str:
+        self._trashed += 1
+        return str(self._trashed)
+
+    def _trash(self, where: _Where, dst_fd: int) -> int:
+        """The trash on the mount of the directory ``dst_fd`` (at ``where``):
+        the staging's, or one made there the first time a destination lies
+        on another mount (a volume inside the root), so every placing step
+        is still a rename within one mount."""
+        mount = mount_of(dst_fd)
+        trash = self._trashes.get(mount)
+        if trash is None:
+            self._touch(where, dst_fd)
+            trash, name = locked_staging(dst_fd)
+            self._trashes[mount] = self._keep(trash)
+            self._foreign.append((where, name))
+            self._journal.did(lambda: remove_tree(self._at(where), name))
+        return trash
+
+    def _near(self, src_fd: int, src: str, where: _Where, dst_fd: int) -> tuple[int, str, int]:
+        """``src`` as a directory fd and name on the destination's mount
+        (copied there when it is not), and that mount's trash."""
+        trash = self._trash(where, dst_fd)
+        if trash == self._trash_fd:
+            return src_fd, src, trash
+        copy = self._spare()
+        _copy_tree(src_fd, src, trash, copy)
+        return trash, copy, trash
+
+    def _add(self, src_fd: int, src: str, where: _Where, dst_fd: int, dst: str) -> None:
+        """Move the new entry ``src`` to ``dst``, where nothing is."""
+        self._touch(where, dst_fd)
+        src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
         os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-        self._journal.did(lambda: os.rename(dst, src, src_dir_fd=dst_fd, dst_dir_fd=src_fd))
+        self._journal.did(
+            lambda: os.rename(dst, self._spare(), src_dir_fd=self._at(where), dst_dir_fd=trash)
+        )
 
     def _replace(
-        self, src_fd: int, src: str, dst_fd: int, dst: str, shown: str, is_dir: bool
+        self, src_fd: int, src: str, where: _Where, dst_fd: int, dst: str, shown: str
     ) -> None:
+        """Put the non-directory ``src`` in place of the non-directory ``dst``."""
         if not self._overwrite:
             raise AlreadyExists(f"already exists: {shown}")
-        if is_dir:
-            raise FailedPrecondition(f"cannot replace the directory {shown} with a non-directory")
-        self._trashed += 1
-        spare = str(self._trashed)
-        if not stat.S_ISDIR(os.stat(src, dir_fd=src_fd, follow_symlinks=False).st_mode):
+        self._touch(where, dst_fd)
+        src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
+        spare = self._spare()
+        put_back = lambda: os.rename(  # noqa: E731
+            spare, dst, src_dir_fd=trash, dst_dir_fd=self._at(where)
+        )
+        try:
             # Keep the old entry by a hard link, then rename over it: readers
             # see the old or the new entry, never neither.
-            try:
-                os.link(
-                    dst, spare, src_dir_fd=dst_fd, dst_dir_fd=self._trash_fd, follow_symlinks=False
-                )
-            except OSError:
-                pass  # e.g. fs.protected_hardlinks: fall back to two renames
-            else:
-                os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-                self._journal.did(
-                    lambda: os.rename(spare, dst, src_dir_fd=self._trash_fd, dst_dir_fd=dst_fd)
-                )
-                return
-        self._move(dst_fd, dst, self._trash_fd, spare)
-        self._move(src_fd, src, dst_fd, dst)
+            os.link(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash, follow_symlinks=False)
+        except OSError:  # e.g. fs.protected_hardlinks: fall back to two renames
+            os.rename(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash)
+            self._journal.did(put_back)
+            self._add(src_fd, src, where, dst_fd, dst)
+            return
+        os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        self._journal.did(put_back)
+
+    def _put(
+        self,
+        src_fd: int,
+        src: str,
+        src_is_dir: bool,
+        where: _Where,
+        dst_fd: int,
+        dst: str,
+        shown: str,
+    ) -> bool:
+        """Place ``src`` at ``dst``; True when both are directories (to merge)."""
+        try:
+            st = os.stat(dst, dir_fd=dst_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self._add(src_fd, src, where, dst_fd, dst)
+            return False
+        dst_is_dir = stat.S_ISDIR(st.st_mode)
+        if src_is_dir and dst_is_dir:
+            return True
+        if src_is_dir:
+            raise FailedPrecondition(f"cannot replace the non-directory {shown} with a directory")
+        if dst_is_dir:
+            raise FailedPrecondition(f"cannot replace the directory {shown} with a non-directory")
+        self._replace(src_fd, src, where, dst_fd, dst, shown)
+        return False
 
     def _place_file(self, tree_fd: int, entry: str, dest: Located) -> None:
         st = dest.lstat()
         if st is not None and stat.S_ISDIR(st.st_mode):
             into = self._keep(dest.open_dir())
-            self._put(tree_fd, entry, into, entry, f"{dest.shown.rstrip('/')}/{entry}")
+            self._put(
+                tree_fd, entry, False, (into, []), into, entry, f"{dest.shown.rstrip('/')}/{entry}"
+            )
             return
-        self._put(tree_fd, entry, dest.dir_fd, dest.name, dest.shown)
-
-    def _put(self, src_fd: int, src: str, dst_fd: int, dst: str, shown: str) -> None:
-        try:
-            st = os.stat(dst, dir_fd=dst_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._move(src_fd, src, dst_fd, dst)
-            return
-        self._replace(src_fd, src, dst_fd, dst, shown, stat.S_ISDIR(st.st_mode))
+        self._put(tree_fd, entry, False, (dest.dir_fd, []), dest.dir_fd, dest.name, dest.shown)
 
     def _place_dir(self, tree_fd: int, dest: Located) -> None:
-        st = dest.lstat()
-        if st is None:
-            self._move(self._staging_fd, "tree", dest.dir_fd, dest.name)
-        elif stat.S_ISDIR(st.st_mode):
+        if not dest.name:  # the root itself
+            self._merge(tree_fd, dest.dir_fd, dest.shown.rstrip("/"))
+            return
+        where: _Where = (dest.dir_fd, [])
+        if self._put(self._staging_fd, "tree", True, where, dest.dir_fd, dest.name, dest.shown):
             self._merge(tree_fd, self._keep(dest.open_dir()), dest.shown.rstrip("/"))
         else:
-            self._replace(self._staging_fd, "tree", dest.dir_fd, dest.name, dest.shown, False)
+            self._moved[()] = (dest.dir_fd, [dest.name])
 
-    def _merge(self, src_fd: int, dst_fd: int, shown: str) -> None:
-        for name in sorted(os.listdir(src_fd)):
-            here = f"{shown}/{name}"
-            src_st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-            try:
-                dst_st = os.stat(name, dir_fd=dst_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                self._move(src_fd, name, dst_fd, name)
-                continue
-            if stat.S_ISDIR(src_st.st_mode) and stat.S_ISDIR(dst_st.st_mode):
-                self._merge(
-                    self._keep(os.open(name, DIR_FLAGS, dir_fd=src_fd)),
-                    self._keep(os.open(name, DIR_FLAGS, dir_fd=dst_fd)),
-                    here,
+    def _merge(self, tree_fd: int, dst_fd: int, shown: str) -> None:
+        walk = TreeWalk(tree_fd, ordered=True)
+        dst = DirCursor(dst_fd)
+        try:
+            for name, st, leaving in walk:
+                if leaving:
+                    dst.up()
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                here = "/".join([shown, *dst.path, name])
+                where: _Where = (dst_fd, list(dst.path))
+                if self._put(walk.fd, name, is_dir, where, dst.fd, name, here):
+                    walk.descend(name)
+                    dst.down(name)
+                elif is_dir:
+                    staged = [*walk.path, name]
+                    self._moved[tuple(staged)] = (dst_fd, [*dst.path, name])
+        finally:
+            walk.close()
+            dst.close()
+
+    def _restrict(self, restricted: list[tuple[list[str], int]]) -> None:
+        """Give placed directories the modes that would have locked their
+        owner out of placing their content (deepest first, as listed)."""
+        for parts, mode in restricted:
+            placed = self._placed(parts)
+            if placed is None:
+                continue  # merged into an existing directory, which keeps its mode
+            parent: _Where = (placed[0], placed[1][:-1])
+            name = placed[1][-1]
+            # Through the parent: a directory that denies search cannot be
+            # left through its own "..".
+            self._chmod(parent, name, mode)
+            self._journal.did(lambda p=parent, n=name, m=mode: self._chmod(p, n, m | 0o700))  # type: ignore[misc]
+
+    def _chmod(self, parent: _Where, name: str, mode: int) -> None:
+        fd = os.open(name, DIR_FLAGS, dir_fd=self._at(parent))
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def _placed(self, parts: list[str]) -> _Where | None:
+        for i in range(len(parts) + 1):
+            moved = self._moved.get(tuple(parts[:i]))
+            if moved is not None:
+                return moved[0], moved[1] + parts[i:]
+        return None
+
+
+def _copy_tree(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """Copy the staged entry ``src`` (a file, symlink or directory tree) to
+    ``dst``, on another mount: modes and mtimes kept, one fd per tree."""
+    walk = TreeWalk(src_fd, names=[src])
+    out = DirCursor(dst_fd)
+    try:
+        for name, st, leaving in walk:
+            target = name if walk.path else dst
+            if leaving:
+                # Times last: filling the directory changed them.
+                os.fchmod(out.fd, stat.S_IMODE(st.st_mode))
+                os.utime(out.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                out.up()
+            elif stat.S_ISDIR(st.st_mode):
+                os.mkdir(target, 0o700, dir_fd=out.fd)
+                walk.descend(name)
+                out.down(target)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=walk.fd), target, dir_fd=out.fd)
+                os.utime(
+                    target,
+                    ns=(st.st_atime_ns, st.st_mtime_ns),
+                    dir_fd=out.fd,
+                    follow_symlinks=False,
                 )
-                continue
-            self._replace(src_fd, name, dst_fd, name, here, stat.S_ISDIR(dst_st.st_mode))
+            else:  # staging holds nothing else
+                _copy_file(walk.fd, name, st, out.fd, target)
+    finally:
+        walk.close()
+        out.close()
+
+
+def _copy_file(src_fd: int, src: str, st: os.stat_result, dst_fd: int, dst: str) -> None:
+    inp = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        out = os.open(
+            dst,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dst_fd,
+        )
+        try:
+            offset = 0
+            while offset < st.st_size:
+                sent = os.sendfile(out, inp, offset, min(st.st_size - offset, _COPY_STEP))
+                if not sent:
+                    raise OSError(errno.EIO, "staged file shrank", src)
+                offset += sent
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(out)
+    finally:
+        os.close(inp)

@@ -16,8 +16,8 @@ from typing import final
 
 import trio
 
-from ._confine import DIR_FLAGS, Located, components, locate
-from ._errors import NotFound
+from ._confine import DIR_FLAGS, STAGING_PREFIX, Located, TreeWalk, components, locate
+from ._errors import Internal, NotFound, Status
 from ._paxtime import set_mtime_ns
 
 #: Bytes read from a file at a time.
@@ -101,10 +101,8 @@ def plan(root_fd: int, src_path: str, *, include_parent: bool, follow_symlinks: 
 
 @final
 class _Packer:
-    def __init__(self, sink: Sink, root: os.stat_result, skip_prefix: str) -> None:
+    def __init__(self, sink: Sink) -> None:
         self._sink = sink
-        self._root = (root.st_dev, root.st_ino)
-        self._skip_prefix = skip_prefix
         self._links: dict[tuple[int, int], str] = {}
 
     def _header(self, info: tarfile.TarInfo) -> None:
@@ -112,8 +110,32 @@ class _Packer:
         # names that are not UTF-8 byte for byte.
         self._sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
-    def entry(self, dir_fd: int, name: str, arcname: str) -> None:
+    def tree(self, dir_fd: int, name: str, arcname: str) -> None:
+        """Pack ``name`` in ``dir_fd`` ("" for ``dir_fd`` itself) and, for a
+        directory, everything under it, walked without recursion."""
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if name else os.fstat(dir_fd)
+        self._entry(dir_fd, name, st, arcname)
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        top = os.open(name, DIR_FLAGS, dir_fd=dir_fd) if name else os.dup(dir_fd)
+        try:
+            walk = TreeWalk(top, ordered=True)
+        finally:
+            os.close(top)
+        try:
+            for child, child_st, leaving in walk:
+                # Staging is an upload in progress (or a dead server's
+                # debris), not content; the name is reserved, so nothing
+                # else can bear it.
+                if leaving or child.startswith(STAGING_PREFIX):
+                    continue
+                self._entry(walk.fd, child, child_st, "/".join([arcname, *walk.path, child]))
+                if stat.S_ISDIR(child_st.st_mode):
+                    walk.descend(child)
+        finally:
+            walk.close()
+
+    def _entry(self, dir_fd: int, name: str, st: os.stat_result, arcname: str) -> None:
         info = tarfile.TarInfo(arcname)
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid
@@ -121,15 +143,6 @@ class _Packer:
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
             self._header(info)
-            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd) if name else os.dup(dir_fd)
-            try:
-                at_root = (st.st_dev, st.st_ino) == self._root
-                for child in sorted(os.listdir(fd)):
-                    if at_root and child.startswith(self._skip_prefix):
-                        continue  # another upload's staging, not content
-                    self.entry(fd, child, f"{arcname}/{child}")
-            finally:
-                os.close(fd)
         elif stat.S_ISLNK(st.st_mode):
             info.type = tarfile.SYMTYPE
             info.linkname = os.readlink(name, dir_fd=dir_fd)
@@ -144,7 +157,10 @@ class _Packer:
             self._file(dir_fd, name, info)
             if st.st_nlink > 1:
                 self._links[key] = arcname
-        # Sockets, fifos and devices are not content an upload could recreate.
+        # Sockets, fifos and devices are skipped, where the client's copy_in
+        # refuses them: a container's tree routinely holds them (/dev, /run),
+        # and downloading "/" must not fail on them; the user named the
+        # client's sources, so there a special file is a mistake to report.
 
     def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
         # O_NONBLOCK: if a fifo took the file's place since the stat, the open
@@ -161,8 +177,11 @@ class _Packer:
             left = st.st_size
             while left:
                 data = os.read(fd, min(left, READ_SIZE))
-                if not data:  # shrank while being read: keep the header's promise
-                    data = bytes(min(left, READ_SIZE))
+                if not data:
+                    # Fail the download rather than pad it with zeros, as the
+                    # client's copy_in fails an upload: the client then keeps
+                    # nothing of it.
+                    raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
                 self._sink.write(data)
                 left -= len(data)
             if st.st_size % tarfile.BLOCKSIZE:
@@ -171,17 +190,17 @@ class _Packer:
             os.close(fd)
 
 
-def pack(root_fd: int, plan: PackPlan, sink: Sink, *, skip_prefix: str) -> None:
+def pack(plan: PackPlan, sink: Sink) -> None:
     """Write ``plan``'s source to ``sink`` as a tar archive (PAX format).
 
-    Entries named ``skip_prefix...`` directly under the root (upload staging)
-    are left out.
+    Upload staging (entries named STAGING_PREFIX..., wherever they are) is
+    left out.
 
     Raises:
         OSError: reading the tree failed.
+        Internal: ABORTED, a file shrank while being read.
         trio.Cancelled, trio.BrokenResourceError: from the sink.
     """
-    packer = _Packer(sink, os.fstat(root_fd), skip_prefix)
-    packer.entry(plan.source.dir_fd, plan.source.name, plan.arcname)
+    _Packer(sink).tree(plan.source.dir_fd, plan.source.name, plan.arcname)
     sink.write(_ZEROS * 2)
     sink.flush()

@@ -1,7 +1,7 @@
 """The reference Files server: serve_files() and its two handlers.
 
 An upload is extracted, while it is still arriving, into a hidden staging
-directory inside the container root, then moved into place under a
+directory on its destination's filesystem, then moved into place under a
 per-container lock; whatever goes wrong, the staging is removed and the tree
 is left as it was. A download is packed on the fly. Every path is resolved
 inside the container root (see :mod:`boxfiles._confine`).
@@ -13,7 +13,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import socket
 import stat
 import time
@@ -26,7 +25,18 @@ import trio
 
 from . import _pack
 from ._aio import Handler, Method, ServerCall, serve
-from ._confine import DIR_FLAGS, components, make_dir, remove_tree
+from ._confine import (
+    DIR_FLAGS,
+    STAGING_PREFIX,
+    TreeWalk,
+    check_name,
+    components,
+    locate,
+    locked_staging,
+    make_dir,
+    remove_tree,
+    restore_times,
+)
 from ._errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -54,14 +64,6 @@ from ._wire import (
 
 log = logging.getLogger("boxfiles.server")
 
-#: Prefix of the staging directories an upload creates inside the container
-#: root; removed when the upload ends, whatever the outcome, and left out of
-#: downloads.
-STAGING_PREFIX = ".boxfiles-staging-"
-
-#: Seconds after which unlocked staging counts as left by a crashed server.
-STALE_AFTER = 60.0
-
 
 def _check_path(path: str) -> None:
     if "\x00" in path:
@@ -71,8 +73,8 @@ def _check_path(path: str) -> None:
     parts = components(path)  # keeps "..", drops "" and "."
     if ".." in parts:
         raise InvalidArgument(f"path must not contain ..: {path}")
-    if parts and parts[0].startswith(STAGING_PREFIX):
-        raise InvalidArgument(f"path is reserved for upload staging: {path}")
+    for part in parts:
+        check_name(part, f"path {path}")
 
 
 def _decode(body: bytes) -> tuple[UploadChunk, memoryview]:
@@ -97,8 +99,8 @@ def _remote_from_os(err: OSError, what: str) -> RemoteError:
 
 @final
 class _Transfer:
-    """The one log line of a transfer: INFO when it succeeded, WARNING with
-    the status when it did not."""
+    """The one log line of a transfer: INFO when it succeeded or was a
+    download of nothing (NOT_FOUND), WARNING with the status otherwise."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -129,6 +131,10 @@ class _Transfer:
             self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, NotFound) and self.kind == "download":
+            # Routine: copy_in probes its destination with a Download first.
+            self._log(logging.INFO, f"{exc.status.name}: {exc.message}")
+            return
         if isinstance(exc, RemoteError):
             outcome = f"{exc.status.name}: {exc.message}"
         elif isinstance(exc, trio.Cancelled):
@@ -141,41 +147,51 @@ class _Transfer:
 @final
 @dataclass
 class _Staging:
-    """An upload's hidden directory inside the container root, with ``tree``
-    (what is extracted) inside it. Owns the three fds."""
+    """An upload's hidden directory, with ``tree`` (what is extracted) in it.
+
+    It is made on the destination's own filesystem, so placing is a rename
+    even into a volume mounted inside the root: in the destination when that
+    is an existing directory, else in the deepest existing directory on the
+    way to it. Owns its fds. Its host directory's times are put back when it
+    is removed, unless something else (placement, another upload) changed
+    that directory meanwhile.
+    """
 
     root_fd: int
+    host_fd: int
+    #: The host's (atime, mtime) before the staging was made, and its mtime
+    #: just after.
+    host_times: tuple[int, int]
+    host_made_ns: int
     fd: int
     name: str
     tree_fd: int
 
     @classmethod
-    def create(cls, root: Path) -> _Staging:
+    def create(cls, root: Path, dest_path: str) -> _Staging:
         root_fd = os.open(root, DIR_FLAGS)
         try:
-            while True:
-                name = STAGING_PREFIX + secrets.token_hex(8)
-                try:
-                    os.mkdir(name, 0o700, dir_fd=root_fd)
-                except FileExistsError:
-                    continue
-                break
-            fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+            host_fd = _staging_host(root_fd, dest_path)
             try:
-                # Held while the upload runs: tells a sweep (at any server's
-                # start) that this staging is alive; a crash releases it.
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                # Mode of a directory archive without a "./" entry: the
-                # staged tree may become the destination itself.
-                tree_fd = make_dir(fd, "tree", 0o755)
+                host = os.fstat(host_fd)
+                fd, name = locked_staging(host_fd)
+                made_ns = os.fstat(host_fd).st_mtime_ns
+                try:
+                    # Mode of a directory archive without a "./" entry: the
+                    # staged tree may become the destination itself.
+                    tree_fd = make_dir(fd, "tree", 0o755)
+                except BaseException:
+                    remove_tree(host_fd, name)
+                    os.close(fd)
+                    raise
             except BaseException:
-                os.close(fd)
-                remove_tree(root_fd, name)
+                os.close(host_fd)
                 raise
         except BaseException:
             os.close(root_fd)
             raise
-        return cls(root_fd, fd, name, tree_fd)
+        times = (host.st_atime_ns, host.st_mtime_ns)
+        return cls(root_fd, host_fd, times, made_ns, fd, name, tree_fd)
 
     def place(
         self,
@@ -194,46 +210,103 @@ class _Staging:
 
     def remove(self) -> None:
         os.close(self.tree_fd)
-        os.close(self.fd)
         try:
-            remove_tree(self.root_fd, self.name)
+            untouched = os.fstat(self.host_fd).st_mtime_ns == self.host_made_ns
+            remove_tree(self.host_fd, self.name)  # still locked: no sweep races it
+            if untouched:
+                restore_times(self.host_fd, self.host_times)
         finally:
+            os.close(self.fd)
+            os.close(self.host_fd)
             os.close(self.root_fd)
+
+
+def _staging_host(root_fd: int, dest_path: str) -> int:
+    """A new fd of the directory an upload to ``dest_path`` stages in."""
+    try:
+        dest = locate(root_fd, dest_path, follow=True, missing="stop")
+    except RemoteError:
+        # Placement will refuse this destination, once the upload is read
+        # (see SPEC); until then, stage at the root.
+        return os.dup(root_fd)
+    try:
+        st = dest.lstat()
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return dest.open_dir()
+        return os.dup(dest.dir_fd)
+    finally:
+        dest.close()
+
+
+#: Filesystem types a sweep does not walk into: kernel views, not storage an
+#: upload could have staged in (a container root may have them mounted).
+_PSEUDO_FS = frozenset(
+    "proc sysfs cgroup cgroup2 devpts mqueue debugfs tracefs securityfs pstore bpf "
+    "fusectl configfs binfmt_misc autofs hugetlbfs devtmpfs nsfs efivarfs".split()
+)
+
+
+def _pseudo_devices() -> set[int]:
+    """st_dev of every mounted pseudo filesystem (from /proc/self/mountinfo)."""
+    found = set()
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                fstype = fields[fields.index("-") + 1]
+                if fstype in _PSEUDO_FS:
+                    major, minor = fields[2].split(":")
+                    found.add(os.makedev(int(major), int(minor)))
+    except OSError:
+        pass  # no /proc: nothing to skip
+    return found
 
 
 def sweep_stale_staging(root: Path) -> list[str]:
     """Remove staging left in ``root`` by a server that died mid-upload.
 
-    Staging whose lock is held belongs to a live upload (of this or another
-    server on the same root) and is kept, and so is staging younger than
-    STALE_AFTER, which may not be locked yet. Returns the names removed.
+    Staging can be made anywhere in the tree, so the whole tree is walked
+    (without recursion, never following a symlink, skipping kernel pseudo
+    filesystems). Staging whose lock is held belongs to a live upload (of
+    this or another server on the same root) and is kept; any other is a
+    dead server's, whatever its age. Returns the paths removed.
     """
     removed = []
+    skip = _pseudo_devices()
     root_fd = os.open(root, DIR_FLAGS)
     try:
-        for name in os.listdir(root_fd):
-            if not name.startswith(STAGING_PREFIX):
-                continue
-            try:
-                fd = os.open(name, DIR_FLAGS, dir_fd=root_fd)
-            except OSError:
-                continue  # not a directory of ours (a link, a file): never ours to remove
-            try:
-                if time.time() - os.fstat(fd).st_mtime < STALE_AFTER:
-                    continue
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use
-            finally:
-                os.close(fd)
-            try:
-                remove_tree(root_fd, name)
-            except Exception as err:  # a server must start even beside debris it cannot remove
-                log.warning("could not remove stale staging %s: %r", name, err)
-                continue
-            removed.append(name)
+        walk = TreeWalk(root_fd)
     finally:
         os.close(root_fd)
+    try:
+        for name, st, leaving in walk:
+            if leaving or not stat.S_ISDIR(st.st_mode):
+                continue
+            if not name.startswith(STAGING_PREFIX):
+                if st.st_dev not in skip:
+                    try:
+                        walk.descend(name)
+                    except OSError:
+                        pass  # unreadable: nothing of ours can be in it
+                continue
+            path = "/".join([*walk.path, name])
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=walk.fd)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                remove_tree(walk.fd, name)  # holding the lock: see locked_staging
+            except BlockingIOError:
+                continue  # in use
+            except Exception as err:  # a server must start even beside debris it cannot remove
+                log.warning("could not remove stale staging %s: %r", path, err)
+                continue
+            finally:
+                os.close(fd)
+            removed.append(path)
+    finally:
+        walk.close()
     return removed
 
 
@@ -300,7 +373,7 @@ class FilesService:
         transfer.container = cid
         source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
         try:
-            staging = await trio.to_thread.run_sync(_Staging.create, root)
+            staging = await trio.to_thread.run_sync(_Staging.create, root, first.dest_path)
         except OSError as err:
             raise _remote_from_os(err, first.dest_path) from err
         try:
@@ -440,12 +513,7 @@ class FilesService:
             async with send_chunks:
                 try:
                     await trio.to_thread.run_sync(
-                        lambda: _pack.pack(
-                            root_fd,
-                            plan,
-                            _pack.Sink(send_chunks, self._chunk_size),
-                            skip_prefix=STAGING_PREFIX,
-                        )
+                        lambda: _pack.pack(plan, _pack.Sink(send_chunks, self._chunk_size))
                     )
                 except OSError as err:
                     raise _remote_from_os(err, f"reading {transfer.path}") from err
