@@ -231,6 +231,14 @@ class ClientCall(Generic[SendT, RecvT]):
         """Wait for the peer's status; raise its RemoteError unless OK."""
         await self._call(self._stream.recv_trailing_metadata())
 
+    def initial_metadata(self) -> Mapping[str, str]:
+        """The peer's initial metadata (text entries only): empty until its
+        first message (or its status) has been received."""
+        received = self._stream.initial_metadata
+        if received is None:
+            return {}
+        return {key: value for key, value in received.items() if isinstance(value, str)}
+
 
 #: HTTP/2 frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _DATA_FRAME_HEADER = struct.Struct(">HBBBL")
