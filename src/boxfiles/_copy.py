@@ -605,9 +605,8 @@ def _merge(src: str, dst: str) -> None:
 class _ChannelWriter:
     """An AsyncWriter for ``download_tar`` into the extractor's channel."""
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], meter: Meter) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[bytes]) -> None:
         self._channel = channel
-        self._meter = meter
 
     async def write(self, data: bytes) -> None:
         try:
@@ -616,7 +615,6 @@ class _ChannelWriter:
             # The extractor stopped; its error (raised in the same nursery)
             # says why, and this task is about to be cancelled.
             await trio.sleep_forever()
-        self._meter.add(len(data))
 
 
 async def copy_out(
@@ -678,9 +676,10 @@ async def copy_out(
 
     async def download() -> None:
         async with send_chunks:
-            await client.download_tar(
+            await client._download_into(
                 src_path,
-                _ChannelWriter(send_chunks, meter),
+                _ChannelWriter(send_chunks),
+                meter,
                 container_id=container_id,
                 include_parent=True,
                 follow_symlinks=follow_symlinks,
