@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -21,9 +22,13 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
+from ._progress import format_bytes
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -293,29 +298,59 @@ def _copy_plan(src: str, dst: str) -> _Copy:
     return _Copy(into_box=dst_box, local=local, remote=remote)
 
 
+#: The bar's layout once the total is known, and before (or without) it;
+#: ``done``, ``whole`` and ``speed`` are in IEC units (see _BarTqdm).
+_BAR_WITH_TOTAL = (
+    "{desc}: {percentage:3.0f}%|{bar}| {done}/{whole} [{elapsed}<{remaining}, {speed}]"
+)
+_BAR_NO_TOTAL = "{desc}: {done} [{elapsed}, {speed}]"
+
+
+def _bar_class() -> type[tqdm[NoReturn]]:
+    from tqdm import tqdm
+
+    class _BarTqdm(tqdm):  # type: ignore[type-arg]  # generic only in its stubs
+        # tqdm's monitor is a thread that would outlive the copy.
+        monitor_interval = 0
+
+        @property
+        def format_dict(self) -> MutableMapping[str, Any]:
+            found = super().format_dict
+            # tqdm's smoothed rate, else (too early for one) the average.
+            elapsed = found["elapsed"]
+            rate = found["rate"] or (self.n / elapsed if elapsed else None)
+            found.update(
+                # tqdm takes a terminal reporting 0 columns at its word and
+                # draws nothing useful; shutil falls back to 80 then.
+                ncols=shutil.get_terminal_size().columns,
+                done=format_bytes(self.n),
+                whole=format_bytes(self.total or 0),
+                speed=f"{format_bytes(rate)}/s" if rate else "? B/s",
+            )
+            return found
+
+    return _BarTqdm
+
+
 class _Bar:
     """A tqdm progress bar fed by the progress callback."""
 
     def __init__(self, label: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=label,
-            file=sys.stderr,
-            leave=True,
-            dynamic_ncols=True,
+        self._bar = _bar_class()(
+            total=None, desc=label, file=sys.stderr, leave=True, bar_format=_BAR_NO_TOTAL
         )
 
     def __call__(self, done: int, total: int | None) -> None:
         if total is not None and self._bar.total != total:
             self._bar.total = total
+            self._bar.bar_format = _BAR_WITH_TOTAL
         self._bar.update(done - self._bar.n)
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
+        # After Ctrl-C the terminal has echoed "^C" after the bar, which can
+        # wrap the line: redrawing it there would show the bar twice.
+        if interrupted:
+            self._bar.leave = False
         self._bar.close()
 
 
@@ -403,10 +438,11 @@ def _cp(args: argparse.Namespace) -> int:
     try:
         interrupt = trio.run(_until_signal, body)
     except FilesError as err:
-        return _report(err, f"box:{plan.remote}", args.connect)
-    finally:
         if bar is not None:
             bar.close()
+        return _report(err, f"box:{plan.remote}", args.connect)
+    if bar is not None:
+        bar.close(interrupted=interrupt.signum is not None)
     if interrupt.signum is not None:
         if plan.local == "-" and not plan.into_box:
             _fail("interrupted; the archive written to stdout is incomplete")
