@@ -5,6 +5,7 @@ shutdown on signals."""
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import io
 import os
 import pty
@@ -177,6 +178,10 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["cp", "a", "b"], "exactly one of SRC and DST"),
     (["cp", "box:/a", "box:/b"], "exactly one of SRC and DST"),
     (["cp", "a", "box:"], "needs a path"),
+    (["cp", "--connect", "unix:/x", "a", "box:rel/b"], "must be absolute: box:rel/b"),
+    (["cp", "--connect", "unix:/x", "box:.", "a"], "must be absolute: box:."),
+    (["cp", "--connect", "unix:/x", "a", "box:/b/../c"], "'..' component: box:/b/../c"),
+    (["cp", "--connect", "unix:/x", "box:/..", "a"], "'..' component: box:/.."),
     (["cp", "a", "box:/b"], "pass --connect URI or set BOXFILES_CONNECT"),
     (["cp", "--connect", "ftp://x", "a", "box:/b"], "unsupported target scheme"),
     (["cp", "--connect", "unix:/x", "--no-overwrite", "box:/a", "b"], "into the box only"),
@@ -234,8 +239,36 @@ async def test_remote_errors(served: tuple[Path, str], sock_dir: Path, tmp_path:
         "cp", "--connect", f"unix:{sock_dir}/absent.sock", "box:/x", str(tmp_path / "x")
     )
     assert result.returncode == EXIT_REMOTE
-    assert f"cannot reach the server at unix:{sock_dir}/absent.sock" in one_line_error(result)
+    # The address once, then the reason.
+    assert (
+        one_line_error(result)
+        == f"boxfiles: cannot reach the server at unix:{sock_dir}/absent.sock: "
+        "No such file or directory"
+    )
     assert sorted(os.listdir(tmp_path)) == ["root"]
+
+
+async def test_stdout_failure_names_stdout(served: tuple[Path, str], tmp_path: Path) -> None:
+    root, target = served
+    (root / "f").write_bytes(b"f" * MiB)
+    with open("/dev/full", "wb") as full:  # every write: ENOSPC
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-m", "boxfiles", "cp", "--connect", target, "box:/f", "-"],
+                stdout=full,
+                capture_stderr=True,
+                check=False,
+                env=clean_env(),
+            )
+    assert result.returncode == EXIT_LOCAL
+    assert one_line_error(result) == "boxfiles: cannot write stdout: No space left on device"
+
+
+async def test_version() -> None:
+    result = await boxfiles_cmd("--version")
+    assert result.returncode == EXIT_OK
+    assert result.stdout.decode() == f"boxfiles {importlib.metadata.version('boxfiles')}\n"
+    assert re.fullmatch(r"boxfiles \d+\.\d+\.\d+\S*\n", result.stdout.decode())
 
 
 async def test_unsafe_archive_exit_status(sock_dir: Path, tmp_path: Path) -> None:

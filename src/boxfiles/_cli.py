@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
+from ._local import describe_oserror
 from ._progress import format_bytes
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -172,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
         "--small-files", type=_positive_int, default=2000, metavar="N", help="small files (2000)"
     )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, once installed)."""
+    try:
+        return importlib.metadata.version("boxfiles")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(text: str) -> int:
@@ -293,6 +304,12 @@ def _copy_plan(src: str, dst: str) -> _Copy:
     local = dst if src_box else src
     if not remote:
         raise UsageError("box:PATH needs a path after 'box:'")
+    # A box has no working directory (the server would take it from "/"),
+    # and a ".." would be refused by the server anyway: both are usage errors.
+    if not remote.startswith("/"):
+        raise UsageError(f"box:PATH must be absolute: box:{remote} (did you mean box:/{remote}?)")
+    if ".." in remote.split("/"):
+        raise UsageError(f"box:PATH must not contain a '..' component: box:{remote}")
     if not local:
         raise UsageError("the local path is empty")
     return _Copy(into_box=dst_box, local=local, remote=remote)
@@ -361,7 +378,10 @@ class _StdinReader:
     async def read(self, max_bytes: int) -> bytes:
         # A pipe read can block forever; on cancellation the thread is left
         # to it (the process is about to exit) rather than waited for.
-        data = await trio.to_thread.run_sync(self._file.read, max_bytes, abandon_on_cancel=True)
+        try:
+            data = await trio.to_thread.run_sync(self._file.read, max_bytes, abandon_on_cancel=True)
+        except OSError as err:
+            raise LocalIOError(f"cannot read stdin: {describe_oserror(err)}") from err
         return data or b""
 
 
@@ -375,7 +395,10 @@ class _StdoutWriter:
             while view:
                 view = view[os.write(self._fd, view) :]
 
-        await trio.to_thread.run_sync(write_all, abandon_on_cancel=True)  # as for stdin
+        try:
+            await trio.to_thread.run_sync(write_all, abandon_on_cancel=True)  # as for stdin
+        except OSError as err:
+            raise LocalIOError(f"cannot write stdout: {describe_oserror(err)}") from err
 
 
 def _cp(args: argparse.Namespace) -> int:
@@ -461,7 +484,10 @@ def _report(err: FilesError, where: str, connect: str) -> int:
         _fail(str(err))
         return EXIT_LOCAL
     if isinstance(err, Unavailable):
-        _fail(f"cannot reach the server at {connect}: {err.message or err.status.name}")
+        # A connection failure's message repeats the address; say it once.
+        cause = err.__cause__
+        reason = describe_oserror(cause) if isinstance(cause, OSError) else err.message
+        _fail(f"cannot reach the server at {connect}: {reason or err.status.name}")
         return EXIT_REMOTE
     if isinstance(err, RemoteError):
         _fail(f"{where}: {err.message or 'failed'} ({err.status.name})")
