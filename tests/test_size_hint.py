@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +71,18 @@ def hinting_server(sock_dir: Path) -> Iterator[str]:
         server.stop(grace=None).wait()
 
 
+def recorder(
+    seen: dict[str, list[tuple[int, int | None]]], path: str
+) -> Callable[[int, int | None], None]:
+    reports = seen[path] = []
+    return lambda done, total: reports.append((done, total))
+
+
 async def test_download_tar_reports_the_hinted_total(hinting_server: str, tmp_path: Path) -> None:
     seen: dict[str, list[tuple[int, int | None]]] = {}
     async with boxfiles.open_client(hinting_server) as client:
         for path in HINTS:
-            reports = seen[path] = []
-            await client.download_tar(
-                path, tmp_path / "a.tar", progress=lambda d, t: reports.append((d, t))
-            )
+            await client.download_tar(path, tmp_path / "a.tar", progress=recorder(seen, path))
             assert (tmp_path / "a.tar").read_bytes() == ARCHIVE
     assert seen["/good"][-1] == (len(ARCHIVE), len(ARCHIVE))
     assert {total for _, total in seen["/good"]} == {len(ARCHIVE)}
