@@ -516,7 +516,8 @@ def _demo(args: argparse.Namespace) -> int:
     except FilesError as err:
         return _report(err, "demo", "the embedded server")
     except OSError as err:  # building or checking the sample tree
-        _fail(f"demo: {err.filename or ''}: {err.strerror or err}")
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"demo: {where}{err.strerror or err}")
         return EXIT_LOCAL
     if interrupt.signum is not None:
         _fail("interrupted; the sample files were removed")

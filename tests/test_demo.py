@@ -1,0 +1,94 @@
+"""``boxfiles demo`` on a filesystem too small for it: refused up front with
+the directory and both amounts named, and any later failure names a path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from boxfiles import _demo
+from boxfiles._cli import EXIT_LOCAL, EXIT_OK, main
+from boxfiles._progress import format_bytes
+
+from .test_cli import clean_env, one_line_error
+
+MiB = 1024 * 1024
+
+
+@contextmanager
+def tmpfs(mount: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes at ``mount``, unmounted on exit."""
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "tiny", 4 * MiB) as mount:
+        yield mount
+
+
+async def run_demo(tmpdir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "boxfiles", "demo", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=clean_env(TMPDIR=str(tmpdir)),
+        )
+
+
+async def test_demo_fits_in_what_it_asks_for(tmp_path: Path) -> None:
+    # Exactly the space it says it needs is enough, on a filesystem that
+    # lists a directory's names in another order than they were made.
+    needed = _demo.space_needed(big_mib=3, small_files=50)
+    with tmpfs(tmp_path / "fits", needed) as mount:
+        result = await run_demo(mount, "--big-mib", "3", "--small-files", "50")
+        assert result.returncode == EXIT_OK, result.stderr
+        assert b"round trip exact" in result.stdout
+        assert list(mount.iterdir()) == []
+
+
+async def test_demo_refuses_when_tmpdir_is_too_small(tiny_tmpfs: Path) -> None:
+    result = await run_demo(tiny_tmpfs)
+    assert result.returncode == EXIT_LOCAL
+    needed = format_bytes(_demo.space_needed(big_mib=256, small_files=2000))
+    assert needed == "871.31 MiB"  # measured peak: 833.1 MiB (see the README)
+    assert one_line_error(result) == (
+        f"boxfiles: demo: {tiny_tmpfs}: the demo needs {needed} free here, there is 4.00 MiB "
+        "(set TMPDIR to a roomier directory, or pass a smaller --big-mib)"
+    )
+    assert result.stdout == b""  # refused before building anything
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+def test_demo_failing_for_space_names_the_directory(
+    tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The probe lies, as on a filesystem that fills up after the check.
+    monkeypatch.setattr(_demo, "free_bytes", lambda directory: 1 << 40)
+    monkeypatch.setattr(tempfile, "tempdir", str(tiny_tmpfs))
+    assert main(["demo", "--big-mib", "8"]) == EXIT_LOCAL
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"boxfiles: demo: {tiny_tmpfs}/boxfiles-demo-"), err
+    assert err.endswith(": No space left on device\n"), err
+    assert list(tiny_tmpfs.iterdir()) == []
