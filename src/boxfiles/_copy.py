@@ -9,7 +9,8 @@ beside the destination; the result is moved into place only once the server
 reported OK and the archive proved sound.
 
 Buffers handed between a worker thread and the trio thread are allocated and
-freed in the trio thread (see ``_local`` and SPEC, "Facts about real peers").
+freed in the trio thread (see ``_local`` and docs/contract.md, "What real
+peers do").
 """
 
 from __future__ import annotations
