@@ -248,6 +248,20 @@ async def test_remote_errors(served: tuple[Path, str], sock_dir: Path, tmp_path:
     assert sorted(os.listdir(tmp_path)) == ["root"]
 
 
+async def test_timeout_is_a_remote_error(sock_dir: Path, tmp_path: Path) -> None:
+    async def stall(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        await call.recv()
+        await trio.sleep_forever()
+
+    async with scripted_server(sock_dir, download=stall) as srv:
+        result = await boxfiles_cmd(
+            "cp", "--connect", srv.target, "--timeout", "0.5", "box:/d", str(tmp_path / "out")
+        )
+    assert result.returncode == EXIT_REMOTE
+    assert "(DEADLINE_EXCEEDED)" in one_line_error(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_stdout_failure_names_stdout(served: tuple[Path, str], tmp_path: Path) -> None:
     root, target = served
     (root / "f").write_bytes(b"f" * MiB)

@@ -1,5 +1,5 @@
 """What a copy does not carry, as the README states it: ownership (files
-arrive owned by whoever writes them), set-id bits, and special files
+arrive owned by whoever writes them), set-id and sticky bits, and special files
 (sockets skipped; fifos and devices refused going in, skipped coming out)."""
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ async def test_ownership_is_the_writers(server: str, root: Path, tmp_path: Path)
     assert (tmp_path / "g").stat().st_gid == os.getgid()
 
 
-async def test_setid_bits_are_dropped_coming_out(server: str, root: Path, tmp_path: Path) -> None:
+async def test_setid_and_sticky_bits_are_dropped_coming_out(
+    server: str, root: Path, tmp_path: Path
+) -> None:
     (root / "suid").write_bytes(b"x")
-    os.chmod(root / "suid", 0o6755)
+    os.chmod(root / "suid", 0o7755)
     async with boxfiles.open_client(server) as client:
         await client.copy_out("/suid", tmp_path / "suid")
     assert stat.S_IMODE((tmp_path / "suid").stat().st_mode) == 0o755
