@@ -278,6 +278,26 @@ async def test_stdout_failure_names_stdout(served: tuple[Path, str], tmp_path: P
     assert one_line_error(result) == "boxfiles: cannot write stdout: No space left on device"
 
 
+async def test_stdin_failure_names_stdin(served: tuple[Path, str], tmp_path: Path) -> None:
+    root, target = served
+    # Open for writing only: reading it fails with EBADF.
+    write_only = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-m", "boxfiles", "cp", "--connect", target, "-", "box:/x/"],
+                stdin=write_only,
+                capture_stderr=True,
+                check=False,
+                env=clean_env(),
+            )
+    finally:
+        os.close(write_only)
+    assert result.returncode == EXIT_LOCAL
+    assert one_line_error(result) == "boxfiles: cannot read stdin: Bad file descriptor"
+    assert list(root.iterdir()) == []
+
+
 async def test_version() -> None:
     result = await boxfiles_cmd("--version")
     assert result.returncode == EXIT_OK
