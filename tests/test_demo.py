@@ -3,6 +3,7 @@ the directory and both amounts named, and any later failure names a path."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from boxfiles import _demo
-from boxfiles._cli import EXIT_LOCAL, EXIT_OK, main
+from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, main
 from boxfiles._progress import format_bytes
 
 from .test_cli import clean_env, one_line_error
@@ -81,20 +82,47 @@ async def test_demo_refuses_when_tmpdir_is_too_small(tiny_tmpfs: Path) -> None:
     assert list(tiny_tmpfs.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("size", "big_mib", "status", "message"),
+    [
+        # Building the sample tree fails: the work directory is named.
+        pytest.param(
+            4 * MiB,
+            8,
+            EXIT_LOCAL,
+            "demo: {tmpdir}/boxfiles-demo-*: No space left on device",
+            id="build",
+        ),
+        # The embedded server's copy fails: where it was working is named.
+        pytest.param(
+            30 * MiB,
+            8,
+            EXIT_REMOTE,
+            "demo (working in {tmpdir}): extracting into /sample: No space left on device*",
+            id="copy-in",
+        ),
+    ],
+)
 def test_demo_failing_for_space_names_the_directory(
-    tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    size: int,
+    big_mib: int,
+    status: int,
+    message: str,
 ) -> None:
     # The probe lies, as on a filesystem that fills up after the check.
     monkeypatch.setattr(_demo, "free_bytes", lambda directory: 1 << 40)
-    monkeypatch.setattr(tempfile, "tempdir", str(tiny_tmpfs))
     server_log = logging.getLogger("boxfiles.server")
     level = server_log.level
-    try:
-        assert main(["demo", "--big-mib", "8"]) == EXIT_LOCAL
-    finally:
-        server_log.setLevel(level)  # the demo quietens it, for good in its process
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    assert err.startswith(f"boxfiles: demo: {tiny_tmpfs}/boxfiles-demo-"), err
-    assert err.endswith(": No space left on device\n"), err
-    assert list(tiny_tmpfs.iterdir()) == []
+    with tmpfs(tmp_path / "small", size) as mount:
+        monkeypatch.setattr(tempfile, "tempdir", str(mount))
+        try:
+            assert main(["demo", "--big-mib", str(big_mib), "--small-files", "50"]) == status
+        finally:
+            server_log.setLevel(level)  # the demo quietens it, for good in its process
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert fnmatch.fnmatchcase(err, "boxfiles: " + message.format(tmpdir=mount) + "\n"), err
+        assert list(mount.iterdir()) == []

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -514,7 +515,8 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         interrupt = trio.run(_until_signal, body)
     except FilesError as err:
-        return _report(err, "demo", "the embedded server")
+        # The embedded server names paths in the box: say where that is.
+        return _report(err, f"demo (working in {tempfile.gettempdir()})", "the embedded server")
     except OSError as err:  # building or checking the sample tree
         where = f"{err.filename}: " if err.filename else ""
         _fail(f"demo: {where}{err.strerror or err}")
