@@ -5,27 +5,33 @@ shutdown on signals."""
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import io
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
 import sys
 import tarfile
 import termios
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from boxfiles._aio import ServerCall
 from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, EXIT_UNSAFE, EXIT_USAGE
-from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
+from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from boxfiles._wire import SIZE_HINT_KEY
 
-from .rig import scripted_server
+from . import sink
+from .rig import Record, scripted_server
+from .sink import start_grpcio_server
 
 MiB = 1024 * 1024
 PROMPT = 10.0  # a process start included; never a speed claim
@@ -172,6 +178,10 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["cp", "a", "b"], "exactly one of SRC and DST"),
     (["cp", "box:/a", "box:/b"], "exactly one of SRC and DST"),
     (["cp", "a", "box:"], "needs a path"),
+    (["cp", "--connect", "unix:/x", "a", "box:rel/b"], "must be absolute: box:rel/b"),
+    (["cp", "--connect", "unix:/x", "box:.", "a"], "must be absolute: box:."),
+    (["cp", "--connect", "unix:/x", "a", "box:/b/../c"], "'..' component: box:/b/../c"),
+    (["cp", "--connect", "unix:/x", "box:/..", "a"], "'..' component: box:/.."),
     (["cp", "a", "box:/b"], "pass --connect URI or set BOXFILES_CONNECT"),
     (["cp", "--connect", "ftp://x", "a", "box:/b"], "unsupported target scheme"),
     (["cp", "--connect", "unix:/x", "--no-overwrite", "box:/a", "b"], "into the box only"),
@@ -229,8 +239,70 @@ async def test_remote_errors(served: tuple[Path, str], sock_dir: Path, tmp_path:
         "cp", "--connect", f"unix:{sock_dir}/absent.sock", "box:/x", str(tmp_path / "x")
     )
     assert result.returncode == EXIT_REMOTE
-    assert f"cannot reach the server at unix:{sock_dir}/absent.sock" in one_line_error(result)
+    # The address once, then the reason.
+    assert (
+        one_line_error(result)
+        == f"boxfiles: cannot reach the server at unix:{sock_dir}/absent.sock: "
+        "No such file or directory"
+    )
     assert sorted(os.listdir(tmp_path)) == ["root"]
+
+
+async def test_timeout_is_a_remote_error(sock_dir: Path, tmp_path: Path) -> None:
+    async def stall(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        await call.recv()
+        await trio.sleep_forever()
+
+    async with scripted_server(sock_dir, download=stall) as srv:
+        result = await boxfiles_cmd(
+            "cp", "--connect", srv.target, "--timeout", "0.5", "box:/d", str(tmp_path / "out")
+        )
+    assert result.returncode == EXIT_REMOTE
+    assert "(DEADLINE_EXCEEDED)" in one_line_error(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_stdout_failure_names_stdout(served: tuple[Path, str], tmp_path: Path) -> None:
+    root, target = served
+    (root / "f").write_bytes(b"f" * MiB)
+    with open("/dev/full", "wb") as full:  # every write: ENOSPC
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-m", "boxfiles", "cp", "--connect", target, "box:/f", "-"],
+                stdout=full,
+                capture_stderr=True,
+                check=False,
+                env=clean_env(),
+            )
+    assert result.returncode == EXIT_LOCAL
+    assert one_line_error(result) == "boxfiles: cannot write stdout: No space left on device"
+
+
+async def test_stdin_failure_names_stdin(served: tuple[Path, str], tmp_path: Path) -> None:
+    root, target = served
+    # Open for writing only: reading it fails with EBADF.
+    write_only = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-m", "boxfiles", "cp", "--connect", target, "-", "box:/x/"],
+                stdin=write_only,
+                capture_stderr=True,
+                check=False,
+                env=clean_env(),
+            )
+    finally:
+        os.close(write_only)
+    assert result.returncode == EXIT_LOCAL
+    assert one_line_error(result) == "boxfiles: cannot read stdin: Bad file descriptor"
+    assert list(root.iterdir()) == []
+
+
+async def test_version() -> None:
+    result = await boxfiles_cmd("--version")
+    assert result.returncode == EXIT_OK
+    assert result.stdout.decode() == f"boxfiles {importlib.metadata.version('boxfiles')}\n"
+    assert re.fullmatch(r"boxfiles \d+\.\d+\.\d+\S*\n", result.stdout.decode())
 
 
 async def test_unsafe_archive_exit_status(sock_dir: Path, tmp_path: Path) -> None:
@@ -357,15 +429,17 @@ async def test_demo_small(tmp_path: Path) -> None:
         assert label in text
 
 
-async def test_progress_bar_only_on_a_terminal(served: tuple[Path, str], tmp_path: Path) -> None:
-    _root, target = served
-    (tmp_path / "data.bin").write_bytes(os.urandom(2 * MiB))
-    args = [sys.executable, "-m", "boxfiles", "cp", "--connect", target]
+async def on_terminal(
+    *args: str, columns: int = 100, interrupt: trio.Event | None = None
+) -> tuple[int, bytes]:
+    """Run ``boxfiles ARGS`` with stdout and stderr on a pseudo-terminal of
+    ``columns`` columns; SIGINT it once ``interrupt`` is set. Its exit status
+    and everything it drew."""
     controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
         process = await trio.lowlevel.open_process(
-            [*args, str(tmp_path / "data.bin"), "box:/data.bin"],
+            [sys.executable, "-m", "boxfiles", *args],
             stdin=subprocess.DEVNULL,
             stdout=terminal,
             stderr=terminal,
@@ -374,27 +448,120 @@ async def test_progress_bar_only_on_a_terminal(served: tuple[Path, str], tmp_pat
         os.close(terminal)
         terminal = -1
         shown = b""
-        with trio.fail_after(60):
+
+        async def read_all() -> None:
+            nonlocal shown
             while True:
                 try:
                     data = await trio.to_thread.run_sync(os.read, controller, 65536)
                 except OSError:  # EIO: the terminal's other side closed
-                    break
+                    return
                 if not data:
-                    break
+                    return
                 shown += data
-            assert await process.wait() == EXIT_OK
+
+        async def signal_it() -> None:
+            assert interrupt is not None
+            await interrupt.wait()
+            process.send_signal(signal.SIGINT)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                if interrupt is not None:
+                    nursery.start_soon(signal_it)
+                await read_all()
+                nursery.cancel_scope.cancel()
+            return await process.wait(), shown
     finally:
         os.close(controller)
         if terminal != -1:
             os.close(terminal)
+
+
+async def test_progress_bar_only_on_a_terminal(served: tuple[Path, str], tmp_path: Path) -> None:
+    _root, target = served
+    (tmp_path / "data.bin").write_bytes(os.urandom(2 * MiB))
+    status, shown = await on_terminal(
+        "cp", "--connect", target, str(tmp_path / "data.bin"), "box:/data.bin"
+    )
+    assert status == EXIT_OK
     assert b"100%" in shown
-    assert b"2.01M/2.01M" in shown  # archive bytes: the data plus tar headers
+    assert b"2.01 MiB/2.01 MiB" in shown  # archive bytes: the data plus tar headers
+    # Counted in 1024s, so labelled in IEC units, the speed too.
+    assert re.search(rb"\d MiB/s\]", shown), shown
+    assert not re.search(rb"\d ?[kMG]B", shown), shown
     # Piped (as in every other test here) or --quiet: no bar at all.
     quiet = await boxfiles_cmd(
         "cp", "--connect", target, "-q", str(tmp_path / "data.bin"), "box:/q"
     )
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (EXIT_OK, b"", b"")
+
+
+async def test_progress_bar_on_a_terminal_of_no_width(
+    served: tuple[Path, str], tmp_path: Path
+) -> None:
+    _root, target = served
+    (tmp_path / "data.bin").write_bytes(os.urandom(2 * MiB))
+    status, shown = await on_terminal(
+        "cp", "--connect", target, str(tmp_path / "data.bin"), "box:/d", columns=0
+    )
+    assert status == EXIT_OK
+    # Drawn whole at a fallback width (80), not squeezed to nothing.
+    last = shown.split(b"\r")[-2].decode()
+    assert re.fullmatch(r"data\.bin: 100%\|█+\| 2\.01 MiB/2\.01 MiB \[.*/s\]", last), last
+    assert len(last) == 80, last
+
+
+async def test_progress_bar_copy_out_shows_the_hinted_total(sock_dir: Path, tmp_path: Path) -> None:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("out.bin")
+        info.size = 3 * MiB
+        tar.addfile(info, io.BytesIO(b"o" * info.size))
+    data = archive.getvalue()
+
+    def download(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
+        if request.src_path == "/hinted":
+            context.send_initial_metadata(((SIZE_HINT_KEY, str(len(data))),))
+        for i in range(0, len(data), MiB):
+            yield DownloadChunk(data=data[i : i + MiB], source_is_dir=False)
+
+    server = start_grpcio_server(f"unix:{sock_dir}/g.sock", sink.upload, download)
+    try:
+        args = ("cp", "--connect", f"unix:{sock_dir}/g.sock")
+        status, shown = await on_terminal(*args, "box:/hinted", str(tmp_path / "a"))
+        assert status == EXIT_OK
+        assert b"100%" in shown
+        assert b"3.01 MiB/3.01 MiB" in shown  # archive bytes: data plus headers
+        # Without the hint there is no total to show: no percentage.
+        status, shown = await on_terminal(*args, "box:/plain", str(tmp_path / "b"))
+        assert status == EXIT_OK
+        assert b"%" not in shown
+        assert b"3.01 MiB [" in shown
+    finally:
+        server.stop(grace=None).wait()
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == b"o" * 3 * MiB
+
+
+async def test_progress_bar_interrupted_is_not_drawn_again(sock_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "data.bin").write_bytes(os.urandom(16 * MiB))
+    stalled = trio.Event()
+
+    async def stall(call: ServerCall[UploadChunk, UploadResponse], record: Record) -> None:
+        await call.recv()
+        stalled.set()
+        await trio.sleep_forever()
+
+    async with scripted_server(sock_dir, upload=stall) as srv:
+        status, shown = await on_terminal(
+            "cp", "--connect", srv.target, str(tmp_path / "data.bin"), "box:/d", interrupt=stalled
+        )
+    assert status == 128 + signal.SIGINT
+    # The bar is cleared, not redrawn: after the "^C" a terminal echoes, a
+    # redraw lands on a new line and the bar shows twice.
+    assert re.search(rb"\r +\rboxfiles: interrupted; nothing was left half-written\r\n$", shown), (
+        shown
+    )
 
 
 async def test_serve_cannot_listen_is_a_local_error(tmp_path: Path, sock_dir: Path) -> None:

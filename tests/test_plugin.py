@@ -38,3 +38,26 @@ async def test_missing(files_client, tmp_path):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_missing_pytest_trio_names_the_extra(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
+async def test_server(files_server):
+    pass
+
+async def test_client(files_client):
+    pass
+
+def test_faults(fault_server):
+    pass
+
+def test_unrelated():
+    pass
+"""
+    )
+    # -p no:trio: as if pytest-trio were not installed.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:trio")
+    result.assert_outcomes(passed=1, errors=3)
+    assert result.stdout.str().count("pip install 'boxfiles[testing]'") >= 3
+    result.stdout.fnmatch_lines(["*boxfiles' pytest fixtures need the pytest-trio plugin*"] * 3)

@@ -1,4 +1,4 @@
-"""The reference server, row by row of SPEC's table, through a real client.
+"""The reference server, row by row of docs/contract.md's table, through a real client.
 
 Also holds the helpers the other test_server_* files share: a full listing of
 a tree (to prove a failure changed nothing), archive builders, and a server

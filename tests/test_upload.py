@@ -110,7 +110,7 @@ async def test_booleans_arrive_as_given(
         )
     first = srv.records[0].chunks[0]
     assert (first.mkdir_parents, first.overwrite) == (mkdir_parents, overwrite)
-    # proto3 drops a false bool from the wire, so "sent explicitly" (SPEC)
+    # proto3 drops a false bool from the wire, so "sent explicitly" (docs/contract.md)
     # means the client sets both to the caller's choice, True by default,
     # rather than leaving the proto default: the choice must arrive as given.
     assert not first.HasField("source_is_dir")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -21,9 +24,14 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
+from ._local import describe_oserror
+from ._progress import format_bytes
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -73,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -167,6 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         "--small-files", type=_positive_int, default=2000, metavar="N", help="small files (2000)"
     )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, once installed)."""
+    try:
+        return importlib.metadata.version("boxfiles")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(text: str) -> int:
@@ -288,34 +305,70 @@ def _copy_plan(src: str, dst: str) -> _Copy:
     local = dst if src_box else src
     if not remote:
         raise UsageError("box:PATH needs a path after 'box:'")
+    # A box has no working directory (the server would take it from "/"),
+    # and a ".." would be refused by the server anyway: both are usage errors.
+    if not remote.startswith("/"):
+        raise UsageError(f"box:PATH must be absolute: box:{remote} (did you mean box:/{remote}?)")
+    if ".." in remote.split("/"):
+        raise UsageError(f"box:PATH must not contain a '..' component: box:{remote}")
     if not local:
         raise UsageError("the local path is empty")
     return _Copy(into_box=dst_box, local=local, remote=remote)
+
+
+#: The bar's layout once the total is known, and before (or without) it;
+#: ``done``, ``whole`` and ``speed`` are in IEC units (see _BarTqdm).
+_BAR_WITH_TOTAL = (
+    "{desc}: {percentage:3.0f}%|{bar}| {done}/{whole} [{elapsed}<{remaining}, {speed}]"
+)
+_BAR_NO_TOTAL = "{desc}: {done} [{elapsed}, {speed}]"
+
+
+def _bar_class() -> type[tqdm[NoReturn]]:
+    from tqdm import tqdm
+
+    class _BarTqdm(tqdm):  # type: ignore[type-arg]  # generic only in its stubs
+        # tqdm's monitor is a thread that would outlive the copy.
+        monitor_interval = 0
+
+        @property
+        def format_dict(self) -> MutableMapping[str, Any]:
+            found = super().format_dict
+            # tqdm's smoothed rate, else (too early for one) the average.
+            elapsed = found["elapsed"]
+            rate = found["rate"] or (self.n / elapsed if elapsed else None)
+            found.update(
+                # tqdm takes a terminal reporting 0 columns at its word and
+                # draws nothing useful; shutil falls back to 80 then.
+                ncols=shutil.get_terminal_size().columns,
+                done=format_bytes(self.n),
+                whole=format_bytes(self.total or 0),
+                speed=f"{format_bytes(rate)}/s" if rate else "? B/s",
+            )
+            return found
+
+    return _BarTqdm
 
 
 class _Bar:
     """A tqdm progress bar fed by the progress callback."""
 
     def __init__(self, label: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=label,
-            file=sys.stderr,
-            leave=True,
-            dynamic_ncols=True,
+        self._bar = _bar_class()(
+            total=None, desc=label, file=sys.stderr, leave=True, bar_format=_BAR_NO_TOTAL
         )
 
     def __call__(self, done: int, total: int | None) -> None:
         if total is not None and self._bar.total != total:
             self._bar.total = total
+            self._bar.bar_format = _BAR_WITH_TOTAL
         self._bar.update(done - self._bar.n)
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
+        # After Ctrl-C the terminal has echoed "^C" after the bar, which can
+        # wrap the line: redrawing it there would show the bar twice.
+        if interrupted:
+            self._bar.leave = False
         self._bar.close()
 
 
@@ -326,7 +379,10 @@ class _StdinReader:
     async def read(self, max_bytes: int) -> bytes:
         # A pipe read can block forever; on cancellation the thread is left
         # to it (the process is about to exit) rather than waited for.
-        data = await trio.to_thread.run_sync(self._file.read, max_bytes, abandon_on_cancel=True)
+        try:
+            data = await trio.to_thread.run_sync(self._file.read, max_bytes, abandon_on_cancel=True)
+        except OSError as err:
+            raise LocalIOError(f"cannot read stdin: {describe_oserror(err)}") from err
         return data or b""
 
 
@@ -340,7 +396,10 @@ class _StdoutWriter:
             while view:
                 view = view[os.write(self._fd, view) :]
 
-        await trio.to_thread.run_sync(write_all, abandon_on_cancel=True)  # as for stdin
+        try:
+            await trio.to_thread.run_sync(write_all, abandon_on_cancel=True)  # as for stdin
+        except OSError as err:
+            raise LocalIOError(f"cannot write stdout: {describe_oserror(err)}") from err
 
 
 def _cp(args: argparse.Namespace) -> int:
@@ -403,10 +462,11 @@ def _cp(args: argparse.Namespace) -> int:
     try:
         interrupt = trio.run(_until_signal, body)
     except FilesError as err:
-        return _report(err, f"box:{plan.remote}", args.connect)
-    finally:
         if bar is not None:
             bar.close()
+        return _report(err, f"box:{plan.remote}", args.connect)
+    if bar is not None:
+        bar.close(interrupted=interrupt.signum is not None)
     if interrupt.signum is not None:
         if plan.local == "-" and not plan.into_box:
             _fail("interrupted; the archive written to stdout is incomplete")
@@ -425,7 +485,10 @@ def _report(err: FilesError, where: str, connect: str) -> int:
         _fail(str(err))
         return EXIT_LOCAL
     if isinstance(err, Unavailable):
-        _fail(f"cannot reach the server at {connect}: {err.message or err.status.name}")
+        # A connection failure's message repeats the address; say it once.
+        cause = err.__cause__
+        reason = describe_oserror(cause) if isinstance(cause, OSError) else err.message
+        _fail(f"cannot reach the server at {connect}: {reason or err.status.name}")
         return EXIT_REMOTE
     if isinstance(err, RemoteError):
         _fail(f"{where}: {err.message or 'failed'} ({err.status.name})")
@@ -452,9 +515,11 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         interrupt = trio.run(_until_signal, body)
     except FilesError as err:
-        return _report(err, "demo", "the embedded server")
+        # The embedded server names paths in the box: say where that is.
+        return _report(err, f"demo (working in {tempfile.gettempdir()})", "the embedded server")
     except OSError as err:  # building or checking the sample tree
-        _fail(f"demo: {err.filename or ''}: {err.strerror or err}")
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"demo: {where}{err.strerror or err}")
         return EXIT_LOCAL
     if interrupt.signum is not None:
         _fail("interrupted; the sample files were removed")

@@ -45,6 +45,7 @@ from ._wire import (
     decode_download_chunk,
     encode_metadata_only,
     first_upload_chunk,
+    size_hint,
 )
 
 
@@ -171,8 +172,10 @@ class FilesClient:
             include_parent: root a directory's archive at ``name/`` (True)
                 or at ``./`` (False).
             follow_symlinks: pack what symlinks point to, not the links.
-            progress: called as ``progress(bytes_received, None)`` at most
-                five times a second and once at the end.
+            progress: called as ``progress(bytes_received, total)`` at most
+                five times a second and once at the end; ``total`` is the
+                archive size the server announced (``boxfiles-size``
+                metadata), None when it sent none.
 
         Returns:
             The ``source_is_dir`` flag the server sent on its first chunk, or
@@ -191,19 +194,40 @@ class FilesClient:
         own ``fail_after`` raises trio.TooSlowError, the client's ``timeout``
         raises DeadlineExceeded.
         """
+        meter = Meter(check_progress(progress), None)
+        source_is_dir = await self._download_into(
+            src_path,
+            dest,
+            meter,
+            container_id=container_id,
+            include_parent=include_parent,
+            follow_symlinks=follow_symlinks,
+        )
+        meter.finish()
+        return source_is_dir
+
+    async def _download_into(
+        self,
+        src_path: str,
+        dest: Destination,
+        meter: Meter,
+        *,
+        container_id: str | None,
+        include_parent: bool,
+        follow_symlinks: bool,
+    ) -> bool | None:
+        """download_tar's transfer, counting into ``meter`` (copy_out's too)
+        and giving it the server's size hint as its total; no final report."""
         request = DownloadRequest(
             src_path=check_path(src_path, "src_path"),
             container_id=check_container_id(container_id),
             include_parent=bool(include_parent),
             follow_symlinks=bool(follow_symlinks),
         )
-        meter = Meter(check_progress(progress), None)
         with self._deadline():
             async with open_destination(dest) as writer:
                 async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
-                    source_is_dir = await _download(call, request, metered_writer(writer, meter))
-        meter.finish()
-        return source_is_dir
+                    return await _download(call, request, metered_writer(writer, meter), meter)
 
     async def _remote_kind(
         self, path: str, *, container_id: str | None
@@ -338,8 +362,10 @@ class FilesClient:
             dest: the local destination.
             container_id: which container; None picks the server's only one.
             follow_symlinks: ask the server to pack what symlinks point to.
-            progress: called as ``progress(bytes_received, None)`` at most
-                five times a second and once at the end.
+            progress: called as ``progress(bytes_received, total)`` at most
+                five times a second and once at the end; ``total`` is the
+                archive size the server announced (``boxfiles-size``
+                metadata), None when it sent none.
 
         Raises:
             UnsafeArchive: the server sent a hostile or corrupt archive.
@@ -435,6 +461,7 @@ async def _download(
     call: ClientCall[DownloadRequest, DownloadChunk],
     request: DownloadRequest,
     writer: ChunkWriter,
+    meter: Meter,
 ) -> bool | None:
     send_chunks, receive_chunks = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
     source_is_dir: bool | None = None
@@ -451,6 +478,8 @@ async def _download(
             if first:
                 first = False
                 source_is_dir = flag
+                # Headers come before the first message, so the hint is known now.
+                meter.total = size_hint(call.initial_metadata())
             if data:
                 try:
                     await send_chunks.send(data)

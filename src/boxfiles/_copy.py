@@ -9,7 +9,8 @@ beside the destination; the result is moved into place only once the server
 reported OK and the archive proved sound.
 
 Buffers handed between a worker thread and the trio thread are allocated and
-freed in the trio thread (see ``_local`` and SPEC, "Facts about real peers").
+freed in the trio thread (see ``_local`` and docs/contract.md, "What real
+peers do").
 """
 
 from __future__ import annotations
@@ -605,9 +606,8 @@ def _merge(src: str, dst: str) -> None:
 class _ChannelWriter:
     """An AsyncWriter for ``download_tar`` into the extractor's channel."""
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], meter: Meter) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[bytes]) -> None:
         self._channel = channel
-        self._meter = meter
 
     async def write(self, data: bytes) -> None:
         try:
@@ -616,7 +616,6 @@ class _ChannelWriter:
             # The extractor stopped; its error (raised in the same nursery)
             # says why, and this task is about to be cancelled.
             await trio.sleep_forever()
-        self._meter.add(len(data))
 
 
 async def copy_out(
@@ -678,9 +677,10 @@ async def copy_out(
 
     async def download() -> None:
         async with send_chunks:
-            await client.download_tar(
+            await client._download_into(
                 src_path,
-                _ChannelWriter(send_chunks, meter),
+                _ChannelWriter(send_chunks),
+                meter,
                 container_id=container_id,
                 include_parent=True,
                 follow_symlinks=follow_symlinks,

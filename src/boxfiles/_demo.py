@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import random
@@ -16,9 +17,49 @@ from pathlib import Path
 import trio
 
 from ._client import open_client
+from ._progress import format_bytes
 from ._server import serve_files
 
 MiB = 1024 * 1024
+
+#: Largest small file build_tree makes, plus the block it can spill into.
+_SMALL_FILE_SPACE = 8192 + 4096
+
+#: The medium files (1+2+3+4 MiB), the script, links and directories.
+_FIXED_SPACE = 11 * MiB
+
+#: The sample tree exists three times at the end: the original, the server's
+#: copy (in the same work directory) and the copy brought back out.
+_COPIES = 3
+
+
+class NotEnoughSpace(OSError):
+    """The work directory's filesystem has less room than the demo needs."""
+
+
+def space_needed(*, big_mib: int, small_files: int) -> int:
+    """Bytes of free space the demo needs in its work directory (an upper
+    bound: each small file at its largest, rounded up a block)."""
+    return _COPIES * (big_mib * MiB + small_files * _SMALL_FILE_SPACE + _FIXED_SPACE)
+
+
+def free_bytes(directory: str) -> int:
+    """Free bytes on ``directory``'s filesystem (for an unprivileged user)."""
+    return shutil.disk_usage(directory).free
+
+
+def check_space(directory: str, *, big_mib: int, small_files: int) -> None:
+    """Raise NotEnoughSpace naming ``directory`` and both amounts when its
+    filesystem has less free space than the demo needs."""
+    needed = space_needed(big_mib=big_mib, small_files=small_files)
+    free = free_bytes(directory)
+    if free < needed:
+        raise NotEnoughSpace(
+            errno.ENOSPC,
+            f"the demo needs {format_bytes(needed)} free here, there is {format_bytes(free)} "
+            "(set TMPDIR to a roomier directory, or pass a smaller --big-mib)",
+            directory,
+        )
 
 
 def build_tree(base: Path, *, big_mib: int, small_files: int) -> Path:
@@ -66,7 +107,10 @@ def differences(a: Path, b: Path) -> list[str]:
 
     def describe(root: Path) -> dict[str, tuple[object, ...]]:
         found: dict[str, tuple[object, ...]] = {}
-        inodes: dict[tuple[int, int], str] = {}
+        # Hard links: every name of an inode, compared as a set (the order
+        # a directory lists its names in differs between filesystems).
+        inode_of: dict[str, tuple[int, int]] = {}
+        names_of: dict[tuple[int, int], list[str]] = {}
         for dirpath, dirs, names in os.walk(root):
             for name in dirs + names:
                 path = os.path.join(dirpath, name)
@@ -77,14 +121,11 @@ def differences(a: Path, b: Path) -> list[str]:
                 elif stat.S_ISDIR(st.st_mode):
                     found[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
                 else:
-                    first = inodes.setdefault((st.st_dev, st.st_ino), rel)
-                    found[rel] = (
-                        "file",
-                        stat.S_IMODE(st.st_mode),
-                        st.st_size,
-                        st.st_mtime_ns,
-                        first,
-                    )
+                    found[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns)
+                    inode_of[rel] = (st.st_dev, st.st_ino)
+                    names_of.setdefault(inode_of[rel], []).append(rel)
+        for rel, inode in inode_of.items():
+            found[rel] = (*found[rel], tuple(sorted(names_of[inode])))
         return found
 
     left, right = describe(a), describe(b)
@@ -109,14 +150,23 @@ async def demo(*, big_mib: int = 256, small_files: int = 2000) -> int:
 
     On cancellation the server stops and the sample files are removed.
     """
+    await trio.to_thread.run_sync(
+        lambda: check_space(tempfile.gettempdir(), big_mib=big_mib, small_files=small_files)
+    )
     work = Path(tempfile.mkdtemp(prefix="boxfiles-demo-"))
     # A socket path must stay under 108 bytes, whatever TMPDIR is.
     sock_dir = tempfile.mkdtemp(prefix="bfdemo-", dir="/tmp")
     try:
         print(f"building a sample tree in {work} ...", flush=True)
-        tree = await trio.to_thread.run_sync(
-            lambda: build_tree(work, big_mib=big_mib, small_files=small_files)
-        )
+        try:
+            tree = await trio.to_thread.run_sync(
+                lambda: build_tree(work, big_mib=big_mib, small_files=small_files)
+            )
+        except OSError as err:
+            # A failed write names no file: name the directory it was in.
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror, str(work)) from err
+            raise
         files, size = _census(tree)
         root = work / "box-root"
         root.mkdir()

@@ -4,7 +4,7 @@ Blocking file calls run in trio worker threads, except reads of file data
 the page cache already holds. The buffers chunks are read
 into are allocated in the trio thread and reused: allocating each chunk in a
 worker and freeing it in the trio thread defeats glibc's allocator and turns
-every chunk into fresh page faults (SPEC, "Facts about real peers").
+every chunk into fresh page faults (docs/contract.md, "What real peers do").
 """
 
 from __future__ import annotations

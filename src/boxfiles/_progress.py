@@ -18,6 +18,19 @@ Progress = Callable[[int, "int | None"], object]
 INTERVAL = 0.2
 
 
+#: Binary prefixes, as the bar and the demo count: 1 KiB = 1024 B.
+_IEC_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in IEC units: ``512 B``, ``1.50 KiB``, ``3.25 GiB``."""
+    step = 0
+    while abs(count) >= 1024 and step < len(_IEC_UNITS) - 1:
+        count /= 1024
+        step += 1
+    return f"{count:.0f} B" if step == 0 else f"{count:.2f} {_IEC_UNITS[step]}"
+
+
 def check_progress(progress: Progress | None) -> Progress | None:
     """Validate a ``progress`` argument; raise TypeError naming it."""
     if progress is not None and not callable(progress):

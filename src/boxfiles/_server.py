@@ -343,7 +343,7 @@ class FilesService:
         return next(iter(self._roots.items()))
 
     async def upload(self, call: ServerCall[UploadChunk, UploadResponse]) -> None:
-        """Handle one Upload; see the SPEC table for every answer.
+        """Handle one Upload; docs/contract.md tabulates every answer.
 
         Raises:
             RemoteError: the status the client gets (InvalidArgument,

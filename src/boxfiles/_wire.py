@@ -7,7 +7,7 @@ never spelled by hand).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import final
 
 from google.protobuf.message import DecodeError
@@ -71,6 +71,23 @@ def check_container_id(value: object) -> str:
     if "\x00" in value or len(value.encode()) > MAX_PATH_BYTES:
         raise ValueError(f"invalid container_id: {value[:64]!r}")
     return value
+
+
+#: Initial-metadata key of a Download's archive size in bytes, sent by a
+#: server that knows it in advance; only a progress total, never trusted.
+SIZE_HINT_KEY = "boxfiles-size"
+
+#: Most digits a size hint may have (2**63 has 19): anything longer is garbage.
+_MAX_SIZE_HINT_DIGITS = 19
+
+
+def size_hint(metadata: Mapping[str, str]) -> int | None:
+    """The archive size a server announced, or None when absent or malformed
+    (a plain decimal integer is the only accepted form)."""
+    text = metadata.get(SIZE_HINT_KEY, "")
+    if not (0 < len(text) <= _MAX_SIZE_HINT_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def check_chunk_size(value: object) -> int:

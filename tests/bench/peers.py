@@ -88,7 +88,7 @@ class Rss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.base = _status_kib("VmRSS")
-        # Minor faults tell allocator churn apart from real work (SPEC: fresh
+        # Minor faults tell allocator churn apart from real work (docs/contract.md: fresh
         # mmaps per chunk cost a fault per page).
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.cpu = time.process_time()
@@ -115,7 +115,7 @@ def file_chunks(path: str) -> Iterator[bytes]:
 
 
 def first_chunk(data: bytes) -> UploadChunk:
-    # Both booleans explicit, as a real guest needs (SPEC).
+    # Both booleans explicit, as a real guest needs (docs/contract.md).
     return UploadChunk(
         dest_path=DEST, data=data, mkdir_parents=True, overwrite=True, source_is_dir=False
     )
