@@ -1,7 +1,8 @@
-"""copy_out's local placement: nothing is
+"""copy_out's local placement and copy_in's destination probe: nothing is
 followed through a link the archive did not create, later entries replace
-earlier ones as tar does, no walk recurses or holds a descriptor per level and
-a failed placement leaves dest exactly as it was."""
+earlier ones as tar does, no walk recurses or holds a descriptor per level,
+a failed placement leaves dest exactly as it was, and a directory never
+replaces a file."""
 
 from __future__ import annotations
 
@@ -373,3 +374,27 @@ async def test_placement_holds_a_bounded_number_of_descriptors(
     assert deep_leaf(tmp_path / "new", depth) == b"leaf"
     assert deep_leaf(tmp_path / "merge" / "top", depth) == b"leaf"
     assert os.listdir(tmp_path / "fail") == []
+
+
+# ------------------------------------------------ copy_in: a tree onto a file
+
+
+@pytest.mark.parametrize("src", ["site", "site/."])
+@pytest.mark.parametrize("overwrite", [True, False])
+async def test_copy_in_never_replaces_a_file_with_a_directory(
+    server: str, root: Path, tmp_path: Path, src: str, overwrite: bool
+) -> None:
+    (tmp_path / "site" / "css").mkdir(parents=True)
+    (tmp_path / "site" / "index.html").write_bytes(b"<html>")
+    (root / "data").mkdir()
+    (root / "data" / "report.txt").write_bytes(b"report")
+    (root / "data" / "link").symlink_to("report.txt")  # resolved as the server would
+    before = full_listing(root)
+    async with boxfiles.open_client(server) as client:
+        for dest in ("/data/report.txt", "/data/link"):
+            with pytest.raises(boxfiles.FailedPrecondition, match=f"non-directory {dest} with"):
+                await client.copy_in(f"{tmp_path}/{src}", dest, overwrite=overwrite)
+        assert full_listing(root) == before
+        # A file still replaces a file.
+        await client.copy_in(tmp_path / "site" / "index.html", "/data/report.txt")
+    assert (root / "data" / "report.txt").read_bytes() == b"<html>"

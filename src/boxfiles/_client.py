@@ -212,7 +212,10 @@ class FilesClient:
         download that is then reset (it costs at most a chunk of packing).
         "unknown" when the server does not say (a legacy peer, or one that
         refuses the download)."""
-        request = DownloadRequest(src_path=path, container_id=check_container_id(container_id))
+        # Followed, as the server resolves an upload's dest_path.
+        request = DownloadRequest(
+            src_path=path, container_id=check_container_id(container_id), follow_symlinks=True
+        )
         kind: Literal["dir", "file", "missing", "unknown"] = "missing"
         with self._deadline(), trio.CancelScope() as done:
             try:

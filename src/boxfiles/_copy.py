@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from ._confine import DIR_FLAGS
-from ._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
+from ._errors import FailedPrecondition, IncompleteTransfer, LocalIOError, UnsafeArchive
 from ._extract import Journal
 from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
@@ -318,10 +318,14 @@ async def copy_in(
     except OSError as err:
         raise _local_error(err, src_text) from err
     name = os.path.basename(plan.path)
-    if plan.is_dir and not src_text.endswith("/.") and name:
+    if plan.is_dir:
         # docker cp: a directory copied onto an existing directory lands
-        # inside it under its own name; anywhere else it becomes dest_path.
-        if await client._remote_kind(dest_path, container_id=container_id) == "dir":
+        # inside it under its own name; anywhere else it becomes dest_path,
+        # but never replaces a file (overwrite is for a file by a file).
+        kind = await client._remote_kind(dest_path, container_id=container_id)
+        if kind == "file":
+            raise FailedPrecondition(f"cannot overwrite non-directory {dest_path} with a directory")
+        if kind == "dir" and not src_text.endswith("/.") and name:
             plan = dataclasses.replace(plan, root=name)
     try:
         total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
