@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import sys
 import tarfile
 import textwrap
@@ -398,3 +399,19 @@ async def test_copy_in_never_replaces_a_file_with_a_directory(
         # A file still replaces a file.
         await client.copy_in(tmp_path / "site" / "index.html", "/data/report.txt")
     assert (root / "data" / "report.txt").read_bytes() == b"<html>"
+
+
+# ------------------------------------------------------------------ modes
+
+
+async def test_copy_out_keeps_sticky_and_drops_set_id_bits_as_the_server(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    shared, tool = entry("d/shared", tarfile.DIRTYPE), entry("d/tool")
+    shared.mode, tool.mode = 0o1777, 0o6755
+    data = tar_bytes((entry("d", tarfile.DIRTYPE), None), (shared, None), (tool, b"x"))
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            await client.copy_out("/d", tmp_path / "out")
+    assert stat.S_IMODE((tmp_path / "out" / "shared").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o755

@@ -32,7 +32,7 @@ import trio
 
 from ._confine import DIR_FLAGS
 from ._errors import FailedPrecondition, IncompleteTransfer, LocalIOError, UnsafeArchive
-from ._extract import Journal
+from ._extract import MODE_MASK, Journal
 from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
@@ -159,6 +159,9 @@ def _tarinfo(
     elif stat.S_ISSOCK(mode):
         return None
     else:
+        # Refused here, though the server's download skips them: no server
+        # accepts one in an upload, so failing now, naming it, beats a
+        # refusal of the whole archive after it was sent.
         kind = "fifo" if stat.S_ISFIFO(mode) else "device node"
         raise LocalIOError(f"cannot copy {path}: it is a {kind}")
     info.mode = stat.S_IMODE(mode)
@@ -247,6 +250,9 @@ class _ChunkSink:
             room = self._room()
             got = os.readv(fd, [room[:left]])
             if got == 0:
+                # The server pads a shrunk file with zeros (its download has no
+                # way to fail an entry); here the caller can be told, and the
+                # upload is reset before anything is written.
                 raise LocalIOError(f"cannot read {name}: it shrank while being copied")
             self._used += got
             left -= got
@@ -266,16 +272,19 @@ def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
         total += len(header)
         if info.type != tarfile.REGTYPE:
             continue
+        replaced = LocalIOError(f"cannot read {path}: it was replaced while being copied")
         try:
             follow = plan.follow_top and path == plan.path
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+            # O_NONBLOCK: a fifo put in the file's place must not hang the open.
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
         except OSError as err:
             if err.errno == errno.ELOOP and path != plan.path:
-                raise LocalIOError(
-                    f"cannot read {path}: it was replaced while being copied"
-                ) from err
+                raise replaced from err
             raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise replaced
             sink.copy_from(fd, info.size, path)
         finally:
             os.close(fd)
@@ -458,7 +467,7 @@ def _extract_one(
     out: _Extracted,
 ) -> None:
     rel = _safe_name(member.name)
-    mode = member.mode & 0o777  # setuid/setgid/sticky are not restored
+    mode = member.mode & MODE_MASK  # as the server: set-id bits dropped, sticky kept
     mtime = mtime_ns(member)
     if not rel:
         if not member.isdir():
