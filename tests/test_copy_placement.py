@@ -23,6 +23,8 @@ import boxfiles
 from boxfiles._bridge import ServerCall
 from boxfiles._copy import MAX_PLACE_FDS, _remove_tree
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
+from boxfiles._wire import DEFAULT_CHUNK_SIZE
+from boxfiles.testing import open_fault_server
 
 from .rig import scripted_server
 from .test_copy import entry, listing, serve_bytes, tar_bytes
@@ -415,3 +417,26 @@ async def test_copy_out_keeps_sticky_and_drops_set_id_bits_as_the_server(
             await client.copy_out("/d", tmp_path / "out")
     assert stat.S_IMODE((tmp_path / "out" / "shared").stat().st_mode) == 0o1777
     assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o755
+
+
+# ------------------------------------------------------- the probe's cost
+
+
+@pytest.mark.xfail(
+    strict=False,  # how far the server gets before the reset is a race
+    reason="needs a per-stream receive window of about one chunk for the probe "
+    "(connection settings live in _bridge.py); measured: three 1 MiB chunks",
+)
+async def test_copy_in_probe_costs_at_most_one_chunk(sock_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "big").mkdir(parents=True)
+    (root / "big" / "f").write_bytes(os.urandom(16 * DEFAULT_CHUNK_SIZE))
+    (tmp_path / "site").mkdir()
+    async with open_fault_server(root, f"unix:{sock_dir}/f.sock") as server:
+        async with boxfiles.open_client(server.target) as client:
+            await client.copy_in(tmp_path / "site", "/big")
+        (probe,) = [c for c in server.calls if c.method == "download"]
+        with trio.fail_after(PROMPT):
+            await probe.finished.wait()
+    assert probe.reset
+    assert probe.bytes <= DEFAULT_CHUNK_SIZE
