@@ -322,7 +322,7 @@ async def wait_for(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.002)
 
 
-@pytest.mark.parametrize("change", ["vanish", "shrink"])
+@pytest.mark.parametrize("change", ["vanish", "shrink", "fifo"])
 async def test_copy_in_source_changes_mid_stream(box: Box, tmp_path: Path, change: str) -> None:
     # A sparse 64 MiB file is far more than the client buffers ahead (HTTP/2
     # window plus a few 1 MiB chunks), and the slow server keeps the packer
@@ -339,12 +339,18 @@ async def test_copy_in_source_changes_mid_stream(box: Box, tmp_path: Path, chang
 
         async def change_tree() -> None:
             await wait_for(lambda: bool(box.transfers) and box.call.chunks >= 1)
-            if change == "vanish":  # a later entry, listed but not yet packed
+            if change in ("vanish", "fifo"):  # a later entry, listed but not yet packed
                 (tree / "z-victim").unlink()
+                if change == "fifo":  # its open must not wait for a writer
+                    os.mkfifo(tree / "z-victim")
             else:  # the file being read, cut short below where the packer can be
                 os.truncate(tree / "a-big", 32 * MiB)
 
-        match = "z-victim" if change == "vanish" else "a-big: it shrank"
+        match = {
+            "vanish": "z-victim",
+            "fifo": "z-victim: it (is a fifo|was replaced)",
+            "shrink": "a-big: it shrank",
+        }[change]
         with trio.fail_after(PROMPT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(change_tree)

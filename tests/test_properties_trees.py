@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import boxfiles
@@ -320,21 +320,53 @@ def serve(data: bytes) -> DownloadScript:
     return script
 
 
+# Links already in the destination, named like archive entries (at its top,
+# inside subdirectories, and as the top-level name "d" itself), pointing out
+# of it at a directory or a file: placing and merging must replace them,
+# never write through them.
+link_places = st.sampled_from(["a", "b", "evil", "keep", "d", "d/a", "d/b", "a/b", "é/keep"])
+link_targets = st.sampled_from(
+    [SENTINEL, f"{SENTINEL}/keep", "../sentinel", "../../w/sentinel", "../victim"]
+)
+dest_links = st.dictionaries(link_places, link_targets, max_size=4)
+
+
+def make_links(top: Path, links: dict[str, str], sentinel: Path) -> None:
+    """The links at their places, parents made as real directories; a place
+    under another link is left out (it would be made through that link)."""
+    for place in sorted(links):
+        path = top / place
+        if any(p.is_symlink() for p in [path, *path.parents] if top in p.parents):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(links[place].replace(SENTINEL, str(sentinel)))
+
+
 @SETTINGS
-@given(entries=archives)
-async def test_hostile_download_never_writes_outside_dest(entries: list[Entry]) -> None:
+@given(entries=archives, links=dest_links)
+# The honest archive of /d meeting a link named d, and links inside a
+# directory a merge walks into: always tried, whatever else is generated.
+@example(
+    entries=[
+        Entry("d", tarfile.DIRTYPE),
+        Entry("d/a", tarfile.DIRTYPE),
+        Entry("d/a/b", tarfile.REGTYPE),
+    ],
+    links={"d": SENTINEL, "a/b": f"{SENTINEL}/keep", "d/a": "../sentinel"},
+)
+async def test_hostile_download_never_writes_outside_dest(
+    entries: list[Entry], links: dict[str, str]
+) -> None:
     with short_socket_dir() as tmp, short_socket_dir() as sock_dir:
         work, sentinel = make_work(tmp)
-        # An existing destination holding links out of it, named like archive
-        # entries: merging must replace them, never write through them.
-        existing = work / "existing"
-        existing.mkdir()
-        (existing / "a").symlink_to(sentinel)
-        (existing / "b").symlink_to("../sentinel")
-        (existing / "evil").symlink_to("../../w/sentinel")
+        # "/d/." merges into existing; "/d" lands in named as named/d.
+        existing, named = work / "existing", work / "named"
+        for top in (existing, named):
+            top.mkdir()
+            make_links(top, links, sentinel)
         out = work / "out"
-        before_outside = outside(tmp, existing)
-        before_existing = listing(existing, dir_mtimes=False)
+        before_outside = outside(tmp, existing, named)
+        before = {top: listing(top) for top in (existing, named)}
         data = tar_bytes(entries, sentinel)
         errors = (boxfiles.UnsafeArchive, boxfiles.LocalIOError, boxfiles.IncompleteTransfer)
         async with scripted_server(sock_dir, download=serve(data)) as srv:
@@ -345,18 +377,22 @@ async def test_hostile_download_never_writes_outside_dest(entries: list[Entry]) 
                         placed = True
                     except errors:
                         placed = False
-                    try:
-                        await client.copy_out("/d/.", existing)
-                        merged = True
-                    except errors:
-                        merged = False
+                    changed = {}
+                    for src, top in (("/d/.", existing), ("/d", named)):
+                        try:
+                            await client.copy_out(src, top)
+                            changed[top] = True
+                        except errors:
+                            changed[top] = False
         event(f"new: {'placed' if placed else 'refused'}")
-        event(f"merge: {'merged' if merged else 'refused'}")
+        event(f"merge: {'merged' if changed[existing] else 'refused'}")
+        event(f"into: {'placed' if changed[named] else 'refused'}")
         # Only dest itself may have appeared beside the sentinel: no staging
         # left, nothing written through a link.
-        assert outside(tmp, existing, out) == before_outside
+        assert outside(tmp, existing, named, out) == before_outside
         # lexists: what was placed may be a symlink, dangling from out's place.
         assert os.path.lexists(out) == placed
         assert not list(work.rglob(".boxfiles-*"))
-        if not merged:
-            assert listing(existing, dir_mtimes=False) == before_existing
+        for top in (existing, named):
+            if not changed[top]:  # exactly as it was, directory times included
+                assert listing(top) == before[top]

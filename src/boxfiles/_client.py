@@ -236,7 +236,10 @@ class FilesClient:
         download that is then reset (it costs at most a chunk of packing).
         "unknown" when the server does not say (a legacy peer, or one that
         refuses the download)."""
-        request = DownloadRequest(src_path=path, container_id=check_container_id(container_id))
+        # Followed, as the server resolves an upload's dest_path.
+        request = DownloadRequest(
+            src_path=path, container_id=check_container_id(container_id), follow_symlinks=True
+        )
         kind: Literal["dir", "file", "missing", "unknown"] = "missing"
         with self._deadline(), trio.CancelScope() as done:
             try:
@@ -283,8 +286,9 @@ class FilesClient:
         ``dest_path`` and resets (a server that refuses it gets the
         contents into ``dest_path``). A file becomes ``dest_path``, or lands
         inside it by its basename when it is an existing directory or ends
-        with ``/``. Sockets in the tree are skipped; a fifo or device node
-        fails the copy.
+        with ``/``. A directory onto an existing non-directory raises
+        FailedPrecondition, nothing sent. Sockets in the tree are skipped; a
+        fifo or device node fails the copy, naming it.
 
         Args:
             src: the local file or directory (or symlink).
@@ -304,6 +308,7 @@ class FilesClient:
         Raises:
             LocalIOError: ``src`` is missing or unreadable, or holds a fifo
                 or device node.
+            FailedPrecondition: a directory onto an existing non-directory.
             UploadRejected, RemoteError, IncompleteTransfer: as for
                 :meth:`upload_tar`, with the same priority rules (a local
                 failure wins and the stream is reset, never ended).
@@ -344,17 +349,22 @@ class FilesClient:
         inside ``dest`` by its name when ``dest`` is an existing directory,
         else becomes ``dest``; ``dir/.`` merges the directory's contents
         into ``dest`` (created when missing); a file becomes ``dest`` or
-        lands inside it when it is a directory. Merging into an existing
-        directory replaces entries of the same name (a symlink found there
-        is replaced, never followed).
+        lands inside it when it is a directory. ``dest`` itself is resolved
+        as given (a symlink to a directory is that directory); nothing below
+        it is followed: a symlink found where an entry goes, at any depth of
+        a merge, is replaced like a file. A directory never replaces a
+        non-directory, nor a file a directory. A placement that fails part
+        way is undone, leaving ``dest`` as it was.
 
         Extraction never writes outside the staging directory: entries with
         absolute names or ``..``, hard links to anything not earlier in the
         archive, an entry under a symlink (or file) of the archive, device
         nodes and fifos raise UnsafeArchive. Symlink entries are recreated
-        verbatim, absolute targets included, and never followed. File and
-        directory permission bits (not setuid/setgid/sticky) and mtimes to
-        the nanosecond are restored; ownership is not.
+        verbatim, absolute targets included, and never followed; a later
+        entry replaces an earlier one of the same name, as tar does. The
+        top-level entry must be named as ``src_path``. File and directory
+        permission bits (and sticky, not setuid/setgid) and mtimes to the
+        nanosecond are restored; ownership is not.
 
         Args:
             src_path: the file or directory in the box; a trailing ``/.``

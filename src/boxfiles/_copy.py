@@ -20,9 +20,9 @@ import dataclasses
 import errno
 import grp
 import os
+import posixpath
 import pwd
 import secrets
-import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from ._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
+from ._confine import DIR_FLAGS
+from ._errors import FailedPrecondition, IncompleteTransfer, LocalIOError, UnsafeArchive
+from ._extract import MODE_MASK, Journal
 from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
@@ -158,6 +160,9 @@ def _tarinfo(
     elif stat.S_ISSOCK(mode):
         return None
     else:
+        # Refused here, though the server's download skips them: no server
+        # accepts one in an upload, so failing now, naming it, beats a
+        # refusal of the whole archive after it was sent.
         kind = "fifo" if stat.S_ISFIFO(mode) else "device node"
         raise LocalIOError(f"cannot copy {path}: it is a {kind}")
     info.mode = stat.S_IMODE(mode)
@@ -246,6 +251,9 @@ class _ChunkSink:
             room = self._room()
             got = os.readv(fd, [room[:left]])
             if got == 0:
+                # The server pads a shrunk file with zeros (its download has no
+                # way to fail an entry); here the caller can be told, and the
+                # upload is reset before anything is written.
                 raise LocalIOError(f"cannot read {name}: it shrank while being copied")
             self._used += got
             left -= got
@@ -265,16 +273,19 @@ def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
         total += len(header)
         if info.type != tarfile.REGTYPE:
             continue
+        replaced = LocalIOError(f"cannot read {path}: it was replaced while being copied")
         try:
             follow = plan.follow_top and path == plan.path
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+            # O_NONBLOCK: a fifo put in the file's place must not hang the open.
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
         except OSError as err:
             if err.errno == errno.ELOOP and path != plan.path:
-                raise LocalIOError(
-                    f"cannot read {path}: it was replaced while being copied"
-                ) from err
+                raise replaced from err
             raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise replaced
             sink.copy_from(fd, info.size, path)
         finally:
             os.close(fd)
@@ -317,10 +328,14 @@ async def copy_in(
     except OSError as err:
         raise _local_error(err, src_text) from err
     name = os.path.basename(plan.path)
-    if plan.is_dir and not src_text.endswith("/.") and name:
+    if plan.is_dir:
         # docker cp: a directory copied onto an existing directory lands
-        # inside it under its own name; anywhere else it becomes dest_path.
-        if await client._remote_kind(dest_path, container_id=container_id) == "dir":
+        # inside it under its own name; anywhere else it becomes dest_path,
+        # but never replaces a file (overwrite is for a file by a file).
+        kind = await client._remote_kind(dest_path, container_id=container_id)
+        if kind == "file":
+            raise FailedPrecondition(f"cannot overwrite non-directory {dest_path} with a directory")
+        if kind == "dir" and not src_text.endswith("/.") and name:
             plan = dataclasses.replace(plan, root=name)
     try:
         total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
@@ -453,7 +468,7 @@ def _extract_one(
     out: _Extracted,
 ) -> None:
     rel = _safe_name(member.name)
-    mode = member.mode & 0o777  # setuid/setgid/sticky are not restored
+    mode = member.mode & MODE_MASK  # as the server: set-id bits dropped, sticky kept
     mtime = mtime_ns(member)
     if not rel:
         if not member.isdir():
@@ -463,23 +478,38 @@ def _extract_one(
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         kind = "fifo" if member.isfifo() else "device node" if member.isdev() else "special"
         raise UnsafeArchive(f"refused {kind} entry in archive: {member.name!r}")
-    parts = rel.split("/")
-    for depth in range(1, len(parts)):
-        prefix = "/".join(parts[:depth])
-        parent = kinds.get(prefix)
-        if parent is None:  # a parent the archive did not list: make it
-            os.mkdir(os.path.join(staging, prefix), 0o700)
-            kinds[prefix] = "dir"
-        elif parent != "dir":
-            raise UnsafeArchive(
-                f"archive entry would be written through a {parent}: {member.name!r}"
-            )
+    # Every name in kinds has its parents there as directories (a replaced
+    # directory takes its names with it), so the nearest recorded parent is
+    # the only one to check: O(depth) per entry, not O(depth**2).
+    missing = []
+    parent = posixpath.dirname(rel)
+    while parent and parent not in kinds:
+        missing.append(parent)
+        parent = posixpath.dirname(parent)
+    if parent and kinds[parent] != "dir":
+        raise UnsafeArchive(
+            f"archive entry would be written through a {kinds[parent]}: {member.name!r}"
+        )
+    for prefix in reversed(missing):  # parents the archive did not list: make them
+        os.mkdir(os.path.join(staging, prefix), 0o700)
+        kinds[prefix] = "dir"
     path = os.path.join(staging, rel)
     existing = kinds.get(rel)
+    # A later entry of the same name replaces an earlier one, as tar does
+    # (never writes through it); only a directory followed by a directory
+    # is merged.
     if existing == "dir" and not member.isdir():
-        raise UnsafeArchive(f"archive entry would replace a directory: {member.name!r}")
-    if existing is not None and existing != "dir":
-        os.unlink(path)  # a later entry of the same name replaces it, never writes through it
+        _forget(rel, kinds, dir_meta)
+        parent, name = os.path.split(path)
+        fd = os.open(parent, DIR_FLAGS)
+        try:
+            _remove_tree(fd, name)
+        finally:
+            os.close(fd)
+        existing = None
+    elif existing is not None and existing != "dir":
+        os.unlink(path)
+        existing = None
     if member.isdir():
         if existing is None:
             os.mkdir(path, 0o700)
@@ -502,6 +532,14 @@ def _extract_one(
         kinds[rel] = "file"
 
 
+def _forget(rel: str, kinds: dict[str, str], dir_meta: dict[str, tuple[int, int]]) -> None:
+    """Drop ``rel`` and everything recorded under it (it is being replaced)."""
+    under = rel + "/"
+    for known in (kinds, dir_meta):
+        for name in [n for n in known if n == rel or n.startswith(under)]:
+            del known[name]
+
+
 def _write_file(
     tar: tarfile.TarFile,
     member: tarfile.TarInfo,
@@ -519,87 +557,305 @@ def _write_file(
         os.close(fd)
 
 
-def _place(
-    staging: str,
-    extracted: _Extracted,
-    dest: str,
-    *,
-    dest_is_dir: bool,
-    contents: bool,
-    default_mode: int,
-) -> None:
-    """Move the extracted tree from ``staging`` to where docker cp would put it.
+# --------------------------------------------------------------------------
+# copy_out: placement, over directory descriptors
+#
+# Nothing found in the destination is ever followed: each directory is
+# opened by name with O_NOFOLLOW from an open parent, and every other call
+# takes a parent's descriptor and a single name (a symlink there is the
+# entry itself, and is replaced like a file). Only ``dest`` itself is a path,
+# resolved as the caller gave it.
 
-    ``default_mode`` is what a new directory gets here (0o777 less the umask),
-    for a contents archive without a ``./`` entry.
+#: Directory descriptors placement holds at once, whatever the tree's depth:
+#: the destination's directory, the staging directory's trash, one cursor in
+#: the staged tree and one in the destination, and one more being opened or
+#: listed. A walk keeps names, not descriptors, for the levels above it.
+MAX_PLACE_FDS = 6
+
+
+@final
+class _Cursor:
+    """One directory descriptor walked down by name and back up by "..".
+
+    Going down never follows a symlink (DIR_FLAGS); going up checks that
+    ".." is the directory that was left, so a tree moved meanwhile fails
+    instead of being walked somewhere else. Holds one descriptor at any depth.
     """
-    if contents:
-        content, name, kind = staging, "", "dir"
-    else:
-        top = [rel for rel in extracted.kinds if "/" not in rel]
-        if len(top) != 1:
-            raise UnsafeArchive(f"expected one top-level entry in the archive, got {len(top)}")
-        name = top[0]
-        content, kind = os.path.join(staging, name), extracted.kinds[name]
-    final = os.path.join(dest, name) if dest_is_dir and name else dest
-    if kind != "dir":
-        if os.path.isdir(final) and not os.path.islink(final):
-            raise LocalIOError(f"cannot overwrite directory {final} with a non-directory")
-        os.replace(content, final)
-        return
-    mtime: int | None
-    if not contents:
-        st = os.lstat(content)
-        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-    elif extracted.root_meta is not None:
-        mode, mtime = extracted.root_meta
-    else:
-        mode, mtime = default_mode, None
-    if not os.path.lexists(final):
-        # Moving a directory to another parent needs write access to it (its
-        # ".." changes); its own mode and mtime are restored afterwards.
-        os.chmod(content, 0o700)
-        os.rename(content, final)
-        os.chmod(final, mode)
-        if mtime is not None:
-            os.utime(final, ns=(mtime, mtime))
-        return
-    if not os.path.isdir(final):
-        raise LocalIOError(f"cannot overwrite non-directory {final} with a directory")
-    _merge(content, final)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._above: list[tuple[int, int]] = []  # (st_dev, st_ino) of each level left
+
+    def down(self, name: str) -> None:
+        fd = os.open(name, DIR_FLAGS, dir_fd=self.fd)
+        st = os.fstat(self.fd)
+        self._above.append((st.st_dev, st.st_ino))
+        os.close(self.fd)
+        self.fd = fd
+
+    def up(self) -> None:
+        fd = os.open("..", DIR_FLAGS, dir_fd=self.fd)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._above.pop():
+            os.close(fd)
+            raise OSError(errno.ESTALE, "Directory moved while being copied")
+        os.close(self.fd)
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _merge(src: str, dst: str) -> None:
-    """Move ``src``'s entries into the existing directory ``dst``; never
-    follows a symlink found in ``dst`` (it is replaced, like any file)."""
-    os.chmod(src, 0o700)  # entries leave it: it needs to be writable, even if 0o555 in the box
-    with os.scandir(src) as entries:
-        children = list(entries)
-    for entry in children:
-        target = os.path.join(dst, entry.name)
-        is_dir = entry.is_dir(follow_symlinks=False)
+def _open_dir(dir_fd: int, parts: list[str]) -> _Cursor:
+    """A cursor at ``parts`` below ``dir_fd`` (which stays the caller's)."""
+    cursor = _Cursor(os.dup(dir_fd))
+    try:
+        for part in parts:
+            cursor.down(part)
+    except BaseException:
+        cursor.close()
+        raise
+    return cursor
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _set_dir_meta(dir_fd: int, name: str, mode: int, times: tuple[int, int]) -> None:
+    """chmod and utime a directory through a descriptor (a chmod by name
+    would follow a symlink swapped in meanwhile)."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+        os.utime(fd, ns=times)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` and all under it: iteratively, never
+    following a symlink, holding two descriptors at any depth."""
+    st = _lstat(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    # Modes restored from an archive (a 0o500 directory) must not stop it.
+    os.chmod(name, 0o700, dir_fd=dir_fd)
+    cursor = _open_dir(dir_fd, [name])
+    try:
+        levels = [(name, list[str]())]  # each level's name and subdirectories left
+        listed = False
+        while levels:
+            if not listed:
+                for child in os.listdir(cursor.fd):
+                    child_st = _lstat(cursor.fd, child)
+                    if child_st is not None and stat.S_ISDIR(child_st.st_mode):
+                        levels[-1][1].append(child)
+                    elif child_st is not None:
+                        os.unlink(child, dir_fd=cursor.fd)
+                listed = True
+            subdirs = levels[-1][1]
+            if subdirs:
+                child = subdirs.pop()
+                os.chmod(child, 0o700, dir_fd=cursor.fd)
+                cursor.down(child)
+                levels.append((child, []))
+                listed = False
+                continue
+            done, _ = levels.pop()
+            if levels:
+                cursor.up()
+                os.rmdir(done, dir_fd=cursor.fd)
+    finally:
+        cursor.close()
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+@final
+@dataclass
+class _Level:
+    """One directory of a merge walk: the staged names still to move, where
+    it is (below the destination's directory), and the mode and times it
+    gets once its entries are in (None for the merge's own top)."""
+
+    names: list[str]
+    parts: list[str]
+    meta: tuple[int, tuple[int, int]] | None
+
+
+@final
+class _Placement:
+    """Moves the staged tree into the destination, undoably.
+
+    Everything is addressed from ``base_fd`` (the destination directory, or
+    the one ``dest`` is to appear in) by lists of names. What placement
+    replaces goes to the trash in the staging directory, so that on failure
+    every step is undone in reverse (see :class:`Journal`) and the
+    destination is left as it was, modes and times included; on success the
+    trash is removed with the staging.
+    """
+
+    def __init__(self, base_fd: int, base_shown: str, trash_fd: int) -> None:
+        self._base = base_fd
+        self._shown = base_shown
+        self._trash = trash_fd
+        self._spares = 0
+        self.journal = Journal()
+
+    def _show(self, parts: list[str]) -> str:
+        return os.path.join(self._shown, *parts)
+
+    def _spare(self) -> str:
+        self._spares += 1
+        return str(self._spares)
+
+    def _to_trash(self, dir_fd: int, name: str, parts: list[str]) -> None:
+        """Move the existing ``name`` (at ``parts``) out of the way."""
+        spare = self._spare()
+        os.rename(name, spare, src_dir_fd=dir_fd, dst_dir_fd=self._trash)
+
+        def undo() -> None:
+            cursor = _open_dir(self._base, parts[:-1])
+            try:
+                os.rename(spare, parts[-1], src_dir_fd=self._trash, dst_dir_fd=cursor.fd)
+            finally:
+                cursor.close()
+
+        self.journal.did(undo)
+
+    def _move_in(
+        self, src_fd: int, dst_fd: int, name: str, parts: list[str], st: os.stat_result
+    ) -> None:
+        """Move the staged ``name`` to ``parts`` (free now), with its mode and
+        times: a directory changing parent must be writable (its ".."
+        changes), and that change touches its mtime."""
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir:
+            os.chmod(name, 0o700, dir_fd=src_fd)  # staged by us: a directory, not a link
+        os.rename(name, parts[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+        def undo() -> None:
+            cursor = _open_dir(self._base, parts[:-1])
+            try:
+                os.rename(parts[-1], self._spare(), src_dir_fd=cursor.fd, dst_dir_fd=self._trash)
+            finally:
+                cursor.close()
+
+        self.journal.did(undo)
+        if is_dir:
+            _set_dir_meta(dst_fd, parts[-1], stat.S_IMODE(st.st_mode), _times(st))
+
+    def _keep_meta(self, parts: list[str], st: os.stat_result) -> None:
+        """Have an undo put back an existing directory's mode and times
+        (entries moving in and out change its mtime)."""
+        mode, times = stat.S_IMODE(st.st_mode), _times(st)
+
+        def undo() -> None:
+            cursor = _open_dir(self._base, parts)
+            try:
+                os.fchmod(cursor.fd, mode)
+                os.utime(cursor.fd, ns=times)
+            finally:
+                cursor.close()
+
+        self.journal.did(undo)
+
+    def place(
+        self, src_parts: list[str], kind: str, name: str, meta: tuple[int, int | None]
+    ) -> None:
+        """Put the staged entry at ``src_parts`` (of ``kind``) at ``name`` in
+        the base directory ("": merge it into the base directory itself);
+        ``meta`` is a new directory's mode and mtime (None: leave it)."""
+        if not name:
+            self._merge(src_parts, [])
+            return
+        shown = self._show([name])
+        st = _lstat(self._base, name)
+        if kind != "dir":
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise LocalIOError(f"cannot overwrite directory {shown} with a non-directory")
+            src = _open_dir(self._base, src_parts[:-1])
+            try:  # replaces a file or a symlink (never what it points to) at once
+                os.rename(src_parts[-1], name, src_dir_fd=src.fd, dst_dir_fd=self._base)
+            finally:
+                src.close()
+            return
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self._merge(src_parts, [name])
+            return
+        if st is not None and not stat.S_ISLNK(st.st_mode):
+            raise LocalIOError(f"cannot overwrite non-directory {shown} with a directory")
+        if st is not None:  # a symlink is replaced, never followed
+            self._to_trash(self._base, name, [name])
+        src = _open_dir(self._base, src_parts[:-1])
         try:
-            target_mode = os.lstat(target).st_mode
-        except FileNotFoundError:
-            target_mode = None
-        if target_mode is not None and stat.S_ISDIR(target_mode):
-            if not is_dir:
-                raise LocalIOError(f"cannot overwrite directory {target} with a non-directory")
-            st = os.lstat(entry.path)
-            _merge(entry.path, target)
-            os.chmod(target, stat.S_IMODE(st.st_mode))
-            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-            continue
-        if target_mode is not None and is_dir:
-            os.unlink(target)
-        if is_dir:  # as in _place: a directory changing parent must be writable
-            st = os.lstat(entry.path)
-            os.chmod(entry.path, 0o700)
-            os.rename(entry.path, target)
-            os.chmod(target, stat.S_IMODE(st.st_mode))
-            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-        else:
-            os.replace(entry.path, target)
+            staged = os.stat(src_parts[-1], dir_fd=src.fd, follow_symlinks=False)
+            mode, mtime = meta
+            times = (staged.st_atime_ns, staged.st_mtime_ns if mtime is None else mtime)
+            self._move_in(src.fd, self._base, src_parts[-1], [name], staged)
+        finally:
+            src.close()
+        _set_dir_meta(self._base, name, mode, times)
+
+    def _merge(self, src_parts: list[str], dst_parts: list[str]) -> None:
+        """Move the staged directory's entries into the existing directory at
+        ``dst_parts``, level by level (no recursion, two cursors)."""
+        # Entries leave staged directories, even ones 0o555 in the box; a
+        # 0o000 one could not even be opened (unless root).
+        os.chmod(os.path.join(*src_parts), 0o700, dir_fd=self._base)
+        src = _open_dir(self._base, src_parts)
+        try:
+            dst = _open_dir(self._base, dst_parts)
+            try:
+                self._keep_meta(dst_parts, os.fstat(dst.fd))
+                self._walk_merge(src, dst, dst_parts)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+
+    def _walk_merge(self, src: _Cursor, dst: _Cursor, top: list[str]) -> None:
+        levels = [_Level(sorted(os.listdir(src.fd), reverse=True), top, None)]
+        while levels:
+            level = levels[-1]
+            if not level.names:
+                levels.pop()
+                if level.meta is not None:
+                    os.fchmod(dst.fd, level.meta[0])
+                    os.utime(dst.fd, ns=level.meta[1])
+                if levels:
+                    src.up()
+                    dst.up()
+                continue
+            name = level.names.pop()
+            parts = [*level.parts, name]
+            staged = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
+            existing = _lstat(dst.fd, name)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                if not stat.S_ISDIR(staged.st_mode):
+                    raise LocalIOError(
+                        f"cannot overwrite directory {self._show(parts)} with a non-directory"
+                    )
+                self._keep_meta(parts, existing)
+                os.chmod(name, 0o700, dir_fd=src.fd)  # as in _merge
+                src.down(name)
+                dst.down(name)
+                meta = (stat.S_IMODE(staged.st_mode), _times(staged))
+                levels.append(_Level(sorted(os.listdir(src.fd), reverse=True), parts, meta))
+                continue
+            if existing is not None:  # a file or a symlink: replaced, never followed
+                self._to_trash(dst.fd, name, parts)
+            self._move_in(src.fd, dst.fd, name, parts, staged)
+
+
+def _times(st: os.stat_result) -> tuple[int, int]:
+    return st.st_atime_ns, st.st_mtime_ns
 
 
 @final
@@ -616,6 +872,105 @@ class _ChannelWriter:
             # The extractor stopped; its error (raised in the same nursery)
             # says why, and this task is about to be cancelled.
             await trio.sleep_forever()
+
+
+#: Names inside the staging directory: the archive's tree, and the trash
+#: that placement moves replaced entries to.
+_TREE, _TRASH = "t", "x"
+
+
+@final
+@dataclass
+class _Target:
+    """Where copy_out writes: ``base_fd`` is ``dest`` when it is a directory
+    (reached as the caller's path, a symlink to a directory included), else
+    the directory ``dest`` is to appear in as ``name``. Staging lives there."""
+
+    base_fd: int
+    base_path: str
+    name: str  # "" when dest is the directory itself
+    staging: str
+    default_mode: int  # what a new directory gets here (0o777 less the umask)
+    times: tuple[int, int]  # the base directory's, put back after a failure
+
+    def finish(self, placed: bool) -> None:
+        """Remove the staging directory; after a failure, also put back the
+        base directory's times, which making staging in it changed."""
+        try:
+            _remove_tree(self.base_fd, self.staging)
+            if not placed:
+                os.utime(self.base_fd, ns=self.times)
+        finally:
+            os.close(self.base_fd)
+
+
+def _prepare(dest: str) -> _Target:
+    """Open where ``dest`` goes and make the staging directory there (blocking)."""
+    dest_is_dir = os.path.isdir(dest)
+    if not dest_is_dir and dest.endswith("/"):
+        raise FileNotFoundError(errno.ENOENT, "No such directory", dest)
+    base_path, name = (dest, "") if dest_is_dir else os.path.split(os.path.abspath(dest))
+    base_fd = os.open(base_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    staging = f".boxfiles-{secrets.token_hex(6)}.part"
+    try:
+        times = _times(os.fstat(base_fd))
+        # Made with the umask applied, to learn the mode a new directory gets
+        # (os.umask() cannot be read without changing it for every thread);
+        # then closed to others while it fills.
+        os.mkdir(staging, 0o777, dir_fd=base_fd)
+        target = _Target(base_fd, base_path, name, staging, 0, times)
+    except BaseException:
+        os.close(base_fd)
+        raise
+    try:
+        target.default_mode = stat.S_IMODE(
+            os.stat(staging, dir_fd=base_fd, follow_symlinks=False).st_mode
+        )
+        os.chmod(staging, 0o700, dir_fd=base_fd)
+        for inner in (_TREE, _TRASH):
+            os.mkdir(os.path.join(staging, inner), 0o700, dir_fd=base_fd)
+    except BaseException:
+        target.finish(placed=False)
+        raise
+    return target
+
+
+def _top_name(src_path: str) -> str:
+    """The top-level entry an archive of ``src_path`` has (as servers name it)."""
+    parts = [p for p in src_path.split("/") if p not in ("", ".")]
+    return parts[-1] if parts else "."
+
+
+def _place(target: _Target, extracted: _Extracted, src_path: str, *, contents: bool) -> None:
+    """Move the extracted tree from staging to where docker cp would put it;
+    on any failure, undo every step (blocking)."""
+    if contents:
+        src, kind, name = [target.staging, _TREE], "dir", target.name
+        mode, mtime = extracted.root_meta or (target.default_mode, None)
+    else:
+        top = [rel for rel in extracted.kinds if "/" not in rel]
+        if len(top) != 1:
+            raise UnsafeArchive(f"expected one top-level entry in the archive, got {len(top)}")
+        expected = _top_name(src_path)
+        if top[0] != expected:
+            # A server naming its entry after something it guesses is in dest.
+            raise UnsafeArchive(f"archive of {src_path!r} has top-level entry {top[0]!r}")
+        src, kind = [target.staging, _TREE, top[0]], extracted.kinds[top[0]]
+        name = target.name or top[0]
+        mode, mtime = 0, None
+        if kind == "dir":
+            st = os.stat(os.path.join(*src), dir_fd=target.base_fd, follow_symlinks=False)
+            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+    trash_fd = os.open(os.path.join(target.staging, _TRASH), DIR_FLAGS, dir_fd=target.base_fd)
+    try:
+        placement = _Placement(target.base_fd, target.base_path, trash_fd)
+        try:
+            placement.place(src, kind, name, (mode, mtime))
+        except BaseException:
+            placement.journal.roll_back()
+            raise
+    finally:
+        os.close(trash_fd)
 
 
 async def copy_out(
@@ -635,29 +990,12 @@ async def copy_out(
     # The box's root has no name to land by: it always means its contents.
     contents = src_path.endswith("/.") or src_path.strip("/") in ("", ".")
 
-    def prepare() -> tuple[bool, str, int]:
-        dest_is_dir = os.path.isdir(dest_text)
-        if not dest_is_dir and dest_text.endswith("/"):
-            raise FileNotFoundError(errno.ENOENT, "No such directory", dest_text)
-        base = dest_text if dest_is_dir else os.path.dirname(os.path.abspath(dest_text))
-        staging = os.path.join(base, f".boxfiles-{secrets.token_hex(6)}.part")
-        # Made with the umask applied, to learn the mode a new directory gets
-        # (os.umask() cannot be read without changing it for every thread);
-        # then closed to others while it fills.
-        os.mkdir(staging, 0o777)
-        try:
-            default_mode = stat.S_IMODE(os.lstat(staging).st_mode)
-            os.chmod(staging, 0o700)
-        except BaseException:
-            os.rmdir(staging)
-            raise
-        return dest_is_dir, staging, default_mode
-
     try:
-        dest_is_dir, staging, default_mode = await trio.to_thread.run_sync(prepare)
+        target = await trio.to_thread.run_sync(_prepare, dest_text)
     except OSError as err:
         # Name dest, not the staging directory the user never asked for.
         raise LocalIOError(f"cannot write {dest_text}: {describe_oserror(err)}") from err
+    staging = os.path.join(target.base_path, target.staging, _TREE)
     meter = Meter(progress, None)
     send_chunks, receive_chunks = trio.open_memory_channel[bytes](1)
     extracted: _Extracted | None = None
@@ -689,36 +1027,19 @@ async def copy_out(
     try:
         await supervise(extract, download)
         assert extracted is not None
+        done = extracted
         try:
-            await trio.to_thread.run_sync(
-                lambda: _place(
-                    staging,
-                    extracted,
-                    dest_text,
-                    dest_is_dir=dest_is_dir,
-                    contents=contents,
-                    default_mode=default_mode,
-                )
-            )
+            await trio.to_thread.run_sync(lambda: _place(target, done, src_path, contents=contents))
         except OSError as err:
             raise _local_error(err, dest_text, "cannot write") from err
-        meter.finish()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_remove_staging, staging)
-
-
-def _remove_staging(staging: str) -> None:
-    """Remove what is left of ``staging`` (all of it after a failure)."""
-    if not os.path.lexists(staging):
-        return
-    # Modes restored from the archive (a 0o500 directory) must not stop the
-    # clean-up; os.walk lists a directory only after it is yielded, so
-    # opening each one up on the way down is enough.
-    for parent, subdirs, _files in os.walk(staging):
-        for name in subdirs:
-            path = os.path.join(parent, name)
-            if not os.path.islink(path):
-                with contextlib.suppress(OSError):  # rmtree reports what stays
-                    os.chmod(path, 0o700)
-    shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            # The failure that got here is the one to report.
+            await trio.to_thread.run_sync(target.finish, False)
+        raise
+    with trio.CancelScope(shield=True):
+        try:
+            await trio.to_thread.run_sync(target.finish, True)
+        except OSError as err:
+            raise _local_error(err, dest_text, "cannot clean up staging in") from err
+    meter.finish()

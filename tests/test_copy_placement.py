@@ -1,0 +1,442 @@
+"""copy_out's local placement and copy_in's destination probe: nothing is
+followed through a link the archive did not create, later entries replace
+earlier ones as tar does, no walk recurses or holds a descriptor per level,
+a failed placement leaves dest exactly as it was, and a directory never
+replaces a file."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import sys
+import tarfile
+import textwrap
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import trio
+
+import boxfiles
+from boxfiles._bridge import ServerCall
+from boxfiles._copy import MAX_PLACE_FDS, _remove_tree
+from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
+from boxfiles._wire import DEFAULT_CHUNK_SIZE
+from boxfiles.testing import open_fault_server
+
+from .rig import scripted_server
+from .test_copy import entry, listing, serve_bytes, tar_bytes
+
+PROMPT = 10.0  # generous guard against a hang; never a speed claim
+MTIME = 1_600_000_000_000_000_000
+
+#: Deeper than any recursion could go.
+DEEP = sys.getrecursionlimit() + 50
+
+
+def full_listing(path: Path) -> dict[str, tuple[object, ...]]:
+    """listing() with the mtimes of path itself and of every directory."""
+    st = path.lstat()
+    return {".": (st.st_mode, st.st_mtime_ns), **listing(path)}
+
+
+# ------------------------------------------------------ links in the destination
+
+
+async def test_a_symlink_named_like_the_source_is_replaced_not_followed(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    (root / "data" / "sub").mkdir(parents=True)
+    (root / "data" / "sub" / "f").write_bytes(b"from the box")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "sub" / "f").write_bytes(b"precious")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "data").symlink_to(elsewhere)
+    before = full_listing(elsewhere)
+    async with boxfiles.open_client(server) as client:
+        await client.copy_out("/data", dest)
+    assert full_listing(elsewhere) == before
+    assert not (dest / "data").is_symlink()
+    assert (dest / "data" / "sub" / "f").read_bytes() == b"from the box"
+
+
+async def test_symlinks_inside_existing_directories_are_replaced_not_followed(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    (root / "d" / "sub" / "inner").mkdir(parents=True)
+    (root / "d" / "sub" / "inner" / "pwned").write_bytes(b"x")
+    (root / "d" / "sub" / "file").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "file").write_bytes(b"precious")
+    dest = tmp_path / "dest"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "sub" / "inner").symlink_to(elsewhere)  # a directory in the archive
+    (dest / "sub" / "file").symlink_to(elsewhere / "file")  # a file in the archive
+    before = full_listing(elsewhere)
+    async with boxfiles.open_client(server) as client:
+        await client.copy_out("/d/.", dest)
+    assert full_listing(elsewhere) == before
+    assert not (dest / "sub" / "inner").is_symlink()
+    assert not (dest / "sub" / "file").is_symlink()
+    assert (dest / "sub" / "inner" / "pwned").read_bytes() == b"x"
+
+
+async def test_a_hostile_server_cannot_name_its_entry_after_a_guessed_symlink(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "etc").symlink_to(elsewhere)
+    (dest / "keep").write_bytes(b"k")
+    data = tar_bytes((entry("etc", tarfile.DIRTYPE), None), (entry("etc/pwned"), b"x"))
+    before = full_listing(tmp_path)
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            # Asked for /d, it names the entry "etc": refused, whatever is there.
+            with pytest.raises(boxfiles.UnsafeArchive, match="top-level entry 'etc'"):
+                await client.copy_out("/d", dest)
+            assert full_listing(tmp_path) == before
+            # Asked for /etc: the local link is replaced, never written through.
+            await client.copy_out("/etc", dest)
+    assert list(elsewhere.iterdir()) == []
+    assert not (dest / "etc").is_symlink()
+    assert (dest / "etc" / "pwned").read_bytes() == b"x"
+
+
+async def test_dest_itself_a_symlink(server: str, root: Path, tmp_path: Path) -> None:
+    """dest is the caller's own path: a symlink to a directory is that
+    directory; any other symlink at dest is replaced, never written through."""
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"new")
+    (root / "f").write_bytes(b"new")
+    target_dir = tmp_path / "target-dir"
+    target_dir.mkdir()
+    target_file = tmp_path / "target-file"
+    target_file.write_bytes(b"precious")
+    (tmp_path / "to-dir").symlink_to(target_dir)
+    (tmp_path / "to-file").symlink_to(target_file)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    async with boxfiles.open_client(server) as client:
+        await client.copy_out("/d", tmp_path / "to-dir")
+        await client.copy_out("/f", tmp_path / "to-file")
+        await client.copy_out("/d", tmp_path / "dangling")
+    assert (target_dir / "d" / "f").read_bytes() == b"new"
+    assert target_file.read_bytes() == b"precious"
+    assert (tmp_path / "to-file").read_bytes() == b"new"
+    assert not (tmp_path / "to-file").is_symlink()
+    assert not (tmp_path / "dangling").is_symlink()
+    assert (tmp_path / "dangling" / "f").read_bytes() == b"new"
+    assert not (tmp_path / "nowhere").exists()
+
+
+async def test_a_failed_merge_leaves_dest_exactly_as_it_was(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    # Entries merge in name order: "a" replaces a file and "sub" merges into
+    # a directory before "zz", a file, meets a directory and fails.
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "a").write_bytes(b"new")
+    (root / "d" / "sub" / "b").write_bytes(b"new")
+    (root / "d" / "sub" / "c").write_bytes(b"new")
+    (root / "d" / "zz").write_bytes(b"new")
+    dest = tmp_path / "d"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "zz").mkdir()
+    (dest / "a").write_bytes(b"old")
+    (dest / "sub" / "b").symlink_to("elsewhere")
+    (dest / "sub").chmod(0o750)
+    for path in (dest / "a", dest / "sub" / "b", dest / "sub", dest / "zz", dest):
+        os.utime(path, ns=(MTIME, MTIME), follow_symlinks=False)
+    before = full_listing(tmp_path)
+    async with boxfiles.open_client(server) as client:
+        with pytest.raises(boxfiles.LocalIOError, match=f"cannot overwrite directory {dest}/zz"):
+            await client.copy_out("/d/.", dest)
+        with pytest.raises(boxfiles.LocalIOError, match=f"cannot overwrite directory {dest}/zz"):
+            await client.copy_out("/d", tmp_path)  # lands by name: merges into dest too
+    assert full_listing(tmp_path) == before
+
+
+# ------------------------------------------------- later entries replace earlier
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        pytest.param(
+            [
+                ("d/x", tarfile.SYMTYPE, "/etc"),
+                ("d/x", tarfile.DIRTYPE),
+                ("d/x/ok", tarfile.REGTYPE),
+            ],
+            {"x": "dir", "x/ok": "file"},
+            id="symlink-then-dir",
+        ),
+        pytest.param(
+            [("d/x", tarfile.REGTYPE), ("d/x", tarfile.DIRTYPE), ("d/x/ok", tarfile.REGTYPE)],
+            {"x": "dir", "x/ok": "file"},
+            id="file-then-dir",
+        ),
+        pytest.param(
+            [("d/x", tarfile.DIRTYPE), ("d/x/in", tarfile.REGTYPE), ("d/x", tarfile.SYMTYPE, "in")],
+            {"x": "link"},
+            id="dir-then-symlink",
+        ),
+        pytest.param(
+            [("d/x", tarfile.DIRTYPE), ("d/x/y", tarfile.DIRTYPE), ("d/x", tarfile.REGTYPE)],
+            {"x": "file"},
+            id="dir-then-file",
+        ),
+        pytest.param(
+            # The file the hard link named went with the directory it was in.
+            [
+                ("d/x", tarfile.DIRTYPE),
+                ("d/x/f", tarfile.REGTYPE),
+                ("d/x", tarfile.DIRTYPE),
+                ("d/h", tarfile.LNKTYPE, "d/x/f"),
+            ],
+            {"x": "dir", "x/f": "file", "h": "file"},
+            id="dir-then-dir-merges",
+        ),
+    ],
+)
+async def test_later_entries_replace_earlier_ones(
+    sock_dir: Path, tmp_path: Path, members: list[tuple[str, bytes, str]], expected: dict[str, str]
+) -> None:
+    data = tar_bytes(
+        (entry("d", tarfile.DIRTYPE), None),
+        *[
+            (
+                entry(m[0], m[1], m[2] if len(m) > 2 else ""),
+                b"x" if m[1] == tarfile.REGTYPE else None,
+            )
+            for m in members
+        ],
+    )
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            await client.copy_out("/d", tmp_path / "out")
+    kinds = {rel: found[0] for rel, found in listing(tmp_path / "out").items()}
+    assert kinds == expected
+    assert not list(tmp_path.rglob(".boxfiles-*"))
+
+
+async def test_a_dropped_directory_takes_its_hard_link_targets_with_it(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    data = tar_bytes(
+        (entry("d", tarfile.DIRTYPE), None),
+        (entry("d/x", tarfile.DIRTYPE), None),
+        (entry("d/x/f"), b"x"),
+        (entry("d/x", tarfile.SYMTYPE, "/etc"), None),
+        (entry("d/h", tarfile.LNKTYPE, "d/x/f"), None),
+    )
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            with pytest.raises(boxfiles.UnsafeArchive, match="hard link"):
+                await client.copy_out("/d", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- deep trees
+
+
+def make_deep(top: Path, depth: int, leaf: bytes = b"leaf") -> None:
+    """top/d/d/.../d/f, ``depth`` directories below top, made level by level."""
+    top.mkdir(parents=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        wfd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(wfd, leaf)
+        os.close(wfd)
+    finally:
+        os.close(fd)
+
+
+def deep_leaf(top: Path, depth: int) -> bytes:
+    return Path(top, *["d"] * depth, "f").read_bytes()
+
+
+@pytest.fixture
+def deep_cleanup(tmp_path: Path) -> Iterator[Path]:
+    # pytest removes tmp_path with shutil.rmtree, which recurses on 3.11.
+    yield tmp_path
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            _remove_tree(fd, name)
+    finally:
+        os.close(fd)
+
+
+def deep_tar(depth: int, *, leaf: bytes = b"leaf", truncate: bool = False) -> bytes:
+    names = ["/".join(["top", *["d"] * level]) for level in range(depth + 1)]
+    data = tar_bytes(
+        *[(entry(name, tarfile.DIRTYPE), None) for name in names],
+        (entry(f"{names[-1]}/f"), leaf),
+    )
+    return data[: data.index(leaf) + len(leaf) // 2] if truncate else data
+
+
+async def test_copy_out_of_a_deep_tree(sock_dir: Path, deep_cleanup: Path) -> None:
+    tmp_path = deep_cleanup
+    make_deep(tmp_path / "merge" / "top", DEEP, b"old")
+    async with scripted_server(sock_dir, download=serve_bytes(deep_tar(DEEP))) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            with trio.fail_after(PROMPT):
+                await client.copy_out("/top", tmp_path / "new")  # moved into place whole
+                await client.copy_out("/top", tmp_path / "merge")  # merged level by level
+    assert deep_leaf(tmp_path / "new", DEEP) == b"leaf"
+    assert deep_leaf(tmp_path / "merge" / "top", DEEP) == b"leaf"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".boxfiles")] == []
+
+
+async def test_a_failed_deep_copy_out_leaves_nothing(sock_dir: Path, deep_cleanup: Path) -> None:
+    tmp_path = deep_cleanup
+    (tmp_path / "out").mkdir()
+    data = deep_tar(DEEP, leaf=os.urandom(4096), truncate=True)
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            with trio.fail_after(PROMPT), pytest.raises(boxfiles.IncompleteTransfer):
+                await client.copy_out("/top", tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
+
+
+async def test_copy_in_of_a_deep_tree(sock_dir: Path, deep_cleanup: Path) -> None:
+    tmp_path = deep_cleanup
+    make_deep(tmp_path / "top", DEEP)
+    async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
+        with trio.fail_after(PROMPT):
+            await client.copy_in(tmp_path / "top", "/top")
+    with tarfile.open(fileobj=io.BytesIO(srv.records[-1].data)) as tar:
+        names = tar.getnames()
+    assert names[-1] == "/".join([".", *["d"] * DEEP, "f"])
+    assert len(names) == DEEP + 2
+
+
+_FD_BOUND_CHILD = """
+import os, resource, sys, trio, boxfiles
+from pathlib import Path
+from boxfiles._copy import MAX_PLACE_FDS
+target, work, depth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    async with boxfiles.open_client(target) as client:
+        await client.copy_out("/top", work / "warm-up")
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        # Each new descriptor takes the lowest free number: this leaves room
+        # for MAX_PLACE_FDS more, and no more, than are open now.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + MAX_PLACE_FDS, 4096))
+        await client.copy_out("/top", work / "new")
+        await client.copy_out("/top", work / "merge")
+        try:
+            await client.copy_out("/top", work / "fail")
+        except boxfiles.IncompleteTransfer:
+            print("failed as planned")
+    print("ok")
+
+trio.run(main)
+"""
+
+
+async def test_placement_holds_a_bounded_number_of_descriptors(
+    sock_dir: Path, deep_cleanup: Path
+) -> None:
+    tmp_path = deep_cleanup
+    depth = 8 * MAX_PLACE_FDS
+    make_deep(tmp_path / "merge" / "top", depth, b"old")
+    (tmp_path / "fail").mkdir()
+    whole, truncated = deep_tar(depth), deep_tar(depth, leaf=os.urandom(4096), truncate=True)
+    sent = 0
+
+    async def serve(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        nonlocal sent
+        sent += 1
+        # The warm-up, new and merge copies get the whole tree; the last one
+        # fails part way, after its staging holds the deep tree.
+        await cast(Awaitable[None], serve_bytes(truncated if sent == 4 else whole)(call))
+
+    async with scripted_server(sock_dir, download=serve) as srv:
+        child = [sys.executable, "-c", textwrap.dedent(_FD_BOUND_CHILD)]
+        result = await trio.run_process(
+            [*child, srv.target, str(tmp_path), str(depth)], capture_stdout=True, check=False
+        )
+    assert result.returncode == 0, result
+    assert result.stdout.decode().split() == ["failed", "as", "planned", "ok"]
+    assert deep_leaf(tmp_path / "new", depth) == b"leaf"
+    assert deep_leaf(tmp_path / "merge" / "top", depth) == b"leaf"
+    assert os.listdir(tmp_path / "fail") == []
+
+
+# ------------------------------------------------ copy_in: a tree onto a file
+
+
+@pytest.mark.parametrize("src", ["site", "site/."])
+@pytest.mark.parametrize("overwrite", [True, False])
+async def test_copy_in_never_replaces_a_file_with_a_directory(
+    server: str, root: Path, tmp_path: Path, src: str, overwrite: bool
+) -> None:
+    (tmp_path / "site" / "css").mkdir(parents=True)
+    (tmp_path / "site" / "index.html").write_bytes(b"<html>")
+    (root / "data").mkdir()
+    (root / "data" / "report.txt").write_bytes(b"report")
+    (root / "data" / "link").symlink_to("report.txt")  # resolved as the server would
+    before = full_listing(root)
+    async with boxfiles.open_client(server) as client:
+        for dest in ("/data/report.txt", "/data/link"):
+            with pytest.raises(boxfiles.FailedPrecondition, match=f"non-directory {dest} with"):
+                await client.copy_in(f"{tmp_path}/{src}", dest, overwrite=overwrite)
+        assert full_listing(root) == before
+        # A file still replaces a file.
+        await client.copy_in(tmp_path / "site" / "index.html", "/data/report.txt")
+    assert (root / "data" / "report.txt").read_bytes() == b"<html>"
+
+
+# ------------------------------------------------------------------ modes
+
+
+async def test_copy_out_keeps_sticky_and_drops_set_id_bits_as_the_server(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    shared, tool = entry("d/shared", tarfile.DIRTYPE), entry("d/tool")
+    shared.mode, tool.mode = 0o1777, 0o6755
+    data = tar_bytes((entry("d", tarfile.DIRTYPE), None), (shared, None), (tool, b"x"))
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            await client.copy_out("/d", tmp_path / "out")
+    assert stat.S_IMODE((tmp_path / "out" / "shared").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((tmp_path / "out" / "tool").stat().st_mode) == 0o755
+
+
+# ------------------------------------------------------- the probe's cost
+
+
+@pytest.mark.xfail(
+    strict=False,  # how far the server gets before the reset is a race
+    reason="needs a per-stream receive window of about one chunk for the probe "
+    "(connection settings live in _bridge.py); measured: three 1 MiB chunks",
+)
+async def test_copy_in_probe_costs_at_most_one_chunk(sock_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "big").mkdir(parents=True)
+    (root / "big" / "f").write_bytes(os.urandom(16 * DEFAULT_CHUNK_SIZE))
+    (tmp_path / "site").mkdir()
+    async with open_fault_server(root, f"unix:{sock_dir}/f.sock") as server:
+        async with boxfiles.open_client(server.target) as client:
+            await client.copy_in(tmp_path / "site", "/big")
+        (probe,) = [c for c in server.calls if c.method == "download"]
+        with trio.fail_after(PROMPT):
+            await probe.finished.wait()
+    assert probe.reset
+    assert probe.bytes <= DEFAULT_CHUNK_SIZE
