@@ -513,14 +513,17 @@ async def test_progress_bar_on_a_terminal_of_no_width(
 
 
 async def test_progress_bar_copy_out_shows_the_hinted_total(sock_dir: Path, tmp_path: Path) -> None:
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo("out.bin")
-        info.size = 3 * MiB
-        tar.addfile(info, io.BytesIO(b"o" * info.size))
-    data = archive.getvalue()
+    def archive_of(name: str) -> bytes:
+        # One file, named by the basename asked for, as real peers name it.
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 3 * MiB
+            tar.addfile(info, io.BytesIO(b"o" * info.size))
+        return archive.getvalue()
 
     def download(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
+        data = archive_of(request.src_path.lstrip("/"))
         if request.src_path == "/hinted":
             context.send_initial_metadata(((SIZE_HINT_KEY, str(len(data))),))
         for i in range(0, len(data), MiB):

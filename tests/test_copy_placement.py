@@ -20,7 +20,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._bridge import ServerCall
+from boxfiles._aio import ServerCall
 from boxfiles._copy import MAX_PLACE_FDS, _remove_tree
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles._wire import DEFAULT_CHUNK_SIZE

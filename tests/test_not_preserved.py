@@ -44,14 +44,14 @@ async def test_ownership_is_the_writers(server: str, root: Path, tmp_path: Path)
     assert (tmp_path / "g").stat().st_gid == os.getgid()
 
 
-async def test_setid_and_sticky_bits_are_dropped_coming_out(
+async def test_setid_bits_are_dropped_and_sticky_kept_coming_out(
     server: str, root: Path, tmp_path: Path
 ) -> None:
     (root / "suid").write_bytes(b"x")
     os.chmod(root / "suid", 0o7755)
     async with boxfiles.open_client(server) as client:
         await client.copy_out("/suid", tmp_path / "suid")
-    assert stat.S_IMODE((tmp_path / "suid").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "suid").stat().st_mode) == 0o1755
 
 
 async def test_sockets_are_skipped_going_in(server: str, root: Path, sock_dir: Path) -> None:

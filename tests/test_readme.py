@@ -46,12 +46,9 @@ async def test_round_trip_example_runs(tmp_path: Path) -> None:
         )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"<h1>hello, box</h1>\n"
-    # Only what the README says shows on stderr: the server's line for
-    # copy_in's probe of a destination that did not exist yet.
-    lines = result.stderr.decode().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("download container='' path='/srv/www' "), lines
-    assert "outcome=NOT_FOUND" in lines[0], lines
+    # Nothing on stderr: copy_in's probe of a destination that does not
+    # exist yet is routine, and the server logs it below WARNING.
+    assert result.stderr == b""
 
 
 def command_options(name: str) -> set[str]:

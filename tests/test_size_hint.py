@@ -31,7 +31,10 @@ def one_file_tar(name: str, data: bytes) -> bytes:
     return archive.getvalue()
 
 
-ARCHIVE = one_file_tar("f.bin", os.urandom(3 * MiB + 7))
+DATA = os.urandom(3 * MiB + 7)
+#: As real peers name it: by the basename asked for (every name here has a
+#: one-block header, so every archive is this long).
+ARCHIVE = one_file_tar("good", DATA)
 
 #: src_path -> the hint the server sends for it (None: no hint at all).
 HINTS: dict[str, str | None] = {
@@ -50,8 +53,10 @@ def download(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
     hint = HINTS[request.src_path]
     if hint is not None:
         context.send_initial_metadata(((SIZE_HINT_KEY, hint),))
-    for i in range(0, len(ARCHIVE), MiB):
-        chunk = DownloadChunk(data=ARCHIVE[i : i + MiB])
+    archive = one_file_tar(request.src_path.lstrip("/"), DATA)
+    assert len(archive) == len(ARCHIVE)
+    for i in range(0, len(archive), MiB):
+        chunk = DownloadChunk(data=archive[i : i + MiB])
         if i == 0:
             chunk.source_is_dir = False
         yield chunk
