@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 import boxfiles
+from boxfiles._pack import MEASURE_ENTRIES
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._wire import SIZE_HINT_KEY, size_hint
 
@@ -113,3 +114,36 @@ def test_non_ascii_digits_are_garbage() -> None:
     for text in ("\u00b2", "\u0663\u0664", "4\u00b2"):
         assert size_hint({SIZE_HINT_KEY: text}) is None
     assert size_hint({SIZE_HINT_KEY: "0"}) == 0
+
+
+async def test_the_reference_server_hints_the_exact_size(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    (root / "f").write_bytes(os.urandom(MiB + 3))
+    tree = root / "d" / "e"
+    tree.mkdir(parents=True)
+    for i in range(50):
+        (tree / (str(i) * (i % 40 + 1))).write_bytes(os.urandom(i * 100))
+    os.link(tree / "0", root / "d" / "hard")  # a hard link: a header, no data
+    (root / "d" / "link").symlink_to("e/0")
+    async with boxfiles.open_client(server) as client:
+        seen: dict[str, list[tuple[int, int | None]]] = {}
+        for path in ("/f", "/d", "/d/."):
+            await client.download_tar(path, tmp_path / "a.tar", progress=recorder(seen, path))
+            size = (tmp_path / "a.tar").stat().st_size
+            assert seen[path][-1] == (size, size), path
+
+
+async def test_no_hint_for_a_tree_past_the_measuring_bound(
+    server: str, root: Path, tmp_path: Path
+) -> None:
+    tree = root / "many"
+    tree.mkdir()
+    for i in range(MEASURE_ENTRIES + 1):
+        (tree / str(i)).touch()
+    reports: list[tuple[int, int | None]] = []
+    async with boxfiles.open_client(server) as client:
+        await client.download_tar(
+            "/many", tmp_path / "a.tar", progress=lambda d, t: reports.append((d, t))
+        )
+    assert reports[-1] == ((tmp_path / "a.tar").stat().st_size, None)

@@ -23,6 +23,10 @@ from ._paxtime import set_mtime_ns
 #: Bytes read from a file at a time.
 READ_SIZE = 1024 * 1024
 
+#: Most entries :func:`measure` walks for a download's size hint; a larger
+#: tree gets no hint rather than a second long walk before its first byte.
+MEASURE_ENTRIES = 10_000
+
 _ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
@@ -100,8 +104,30 @@ def plan(root_fd: int, src_path: str, *, include_parent: bool, follow_symlinks: 
 
 
 @final
+class _Counter:
+    """A sink that only counts what would be written."""
+
+    def __init__(self, entries: int) -> None:
+        self.size = 0
+        self.entries_left = entries
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _TooMany(Exception):
+    pass
+
+
+@final
 class _Packer:
-    def __init__(self, sink: Sink) -> None:
+    """Writes a tree as tar to a Sink, or (to a _Counter) measures the
+    archive it would write: the same headers, file data counted from fstat."""
+
+    def __init__(self, sink: Sink | _Counter) -> None:
         self._sink = sink
         self._links: dict[tuple[int, int], str] = {}
 
@@ -136,6 +162,10 @@ class _Packer:
             walk.close()
 
     def _entry(self, dir_fd: int, name: str, st: os.stat_result, arcname: str) -> None:
+        if isinstance(self._sink, _Counter):
+            self._sink.entries_left -= 1
+            if self._sink.entries_left < 0:
+                raise _TooMany
         info = tarfile.TarInfo(arcname)
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid
@@ -174,6 +204,9 @@ class _Packer:
                 return
             info.size = st.st_size
             self._header(info)
+            if isinstance(self._sink, _Counter):
+                self._sink.size += -st.st_size % tarfile.BLOCKSIZE + st.st_size
+                return
             left = st.st_size
             while left:
                 data = os.read(fd, min(left, READ_SIZE))
@@ -188,6 +221,22 @@ class _Packer:
                 self._sink.write(_ZEROS[st.st_size % tarfile.BLOCKSIZE :])
         finally:
             os.close(fd)
+
+
+def measure(plan: PackPlan) -> int | None:
+    """The size of the archive :func:`pack` would write for ``plan`` now, or
+    None past MEASURE_ENTRIES entries. A hint only: the tree may change
+    before it is packed.
+
+    Raises:
+        OSError: reading the tree failed.
+    """
+    counter = _Counter(MEASURE_ENTRIES)
+    try:
+        _Packer(counter).tree(plan.source.dir_fd, plan.source.name, plan.arcname)
+    except _TooMany:
+        return None
+    return counter.size + 2 * tarfile.BLOCKSIZE
 
 
 def pack(plan: PackPlan, sink: Sink) -> None:

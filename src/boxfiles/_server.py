@@ -57,6 +57,7 @@ from ._wire import (
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD,
     MAX_PATH_BYTES,
+    SIZE_HINT_KEY,
     UPLOAD,
     check_chunk_size,
     decode_upload_chunk,
@@ -494,6 +495,14 @@ class FilesService:
             except OSError as err:
                 raise _remote_from_os(err, request.src_path) from err
             try:
+                # The archive's size, sent ahead so a client can show progress
+                # as a share of it (a hint: real peers send none).
+                try:
+                    size = await trio.to_thread.run_sync(_pack.measure, plan)
+                except OSError as err:
+                    raise _remote_from_os(err, f"reading {request.src_path}") from err
+                if size is not None:
+                    await call.send_initial_metadata({SIZE_HINT_KEY: str(size)})
                 await self._stream(call, root_fd, plan, transfer)
             finally:
                 plan.source.close()
