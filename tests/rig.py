@@ -1,4 +1,4 @@
-"""A scripted Files server for tests: real gRPC (grpclib via the bridge), with
+"""A scripted Files server for tests: real gRPC (grpclib via the asyncio edge), with
 behaviour chosen per test and a record of what arrived on the wire."""
 
 from __future__ import annotations

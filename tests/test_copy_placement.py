@@ -425,7 +425,7 @@ async def test_copy_out_keeps_sticky_and_drops_set_id_bits_as_the_server(
 @pytest.mark.xfail(
     strict=False,  # how far the server gets before the reset is a race
     reason="needs a per-stream receive window of about one chunk for the probe "
-    "(connection settings live in _bridge.py); measured: three 1 MiB chunks",
+    "(connection settings live in _aio/); measured: three 1 MiB chunks",
 )
 async def test_copy_in_probe_costs_at_most_one_chunk(sock_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"

@@ -29,7 +29,9 @@ def test_a_classifier_for_every_supported_python() -> None:
         if c.startswith("Programming Language :: Python :: 3.")
     }
     allowed = {f"3.{minor}" for minor in range(8, 20) if f"3.{minor}" in supported}
-    assert declared == allowed == {"3.10", "3.11", "3.12", "3.13"}
+    # Classifiers name the tested versions; 3.14 is admitted, not run here.
+    assert declared == {"3.10", "3.11", "3.12", "3.13"}
+    assert allowed == declared | {"3.14"}
 
 
 def test_testing_extra_brings_the_fixtures_plugins() -> None:

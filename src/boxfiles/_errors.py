@@ -1,6 +1,6 @@
 """The public exception hierarchy and the rules that pick one error out of many.
 
-Everything here is pure: no I/O, no event loop. The bridge maps foreign
+Everything here is pure: no I/O, no event loop. The asyncio edge (`_aio`) maps foreign
 (grpclib, h2, asyncio) exceptions onto these classes; the transfer code uses
 :func:`collapse` to turn whatever a nursery raised into the one error a caller
 sees.

@@ -1,4 +1,4 @@
-"""The bridge's own HTTP/2 shortcut for DATA frames, checked against h2 doing the
+"""The asyncio edge's own HTTP/2 shortcut for DATA frames, checked against h2 doing the
 same, and the sockets it sends through."""
 
 from __future__ import annotations
