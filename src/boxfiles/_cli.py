@@ -339,8 +339,9 @@ def _bar_class() -> type[tqdm[NoReturn]]:
             rate = found["rate"] or (self.n / elapsed if elapsed else None)
             found.update(
                 # tqdm takes a terminal reporting 0 columns at its word and
-                # draws nothing useful; shutil falls back to 80 then.
-                ncols=shutil.get_terminal_size().columns,
+                # draws nothing useful; shutil falls back to 80 then (since
+                # 3.11; on 3.10 it passes the 0 on).
+                ncols=shutil.get_terminal_size().columns or 80,
                 done=format_bytes(self.n),
                 whole=format_bytes(self.total or 0),
                 speed=f"{format_bytes(rate)}/s" if rate else "? B/s",

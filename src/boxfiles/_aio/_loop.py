@@ -85,10 +85,12 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         self._nursery = nursery
         self._ready: deque[_Entry] = deque()
         self._timers: list[tuple[float, int, _Entry]] = []
+        self._cancelled_timers = 0
         self._sequence = itertools.count()
         self._parked: trio.lowlevel.Task | None = None
         self._transports: set[SocketTransport] = set()
         self._scopes: set[trio.CancelScope] = set()
+        self._ended = False
         self._closed = False
         self._token = trio.lowlevel.current_trio_token()
         #: Called with each new protocol once its connection is made (the
@@ -108,7 +110,11 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         now = self.time()
         timers = self._timers
         while timers and timers[0][0] <= now:
-            self._ready.append(heapq.heappop(timers)[2])
+            entry = heapq.heappop(timers)[2]
+            if entry[0].cancelled():
+                self._cancelled_timers = max(0, self._cancelled_timers - 1)
+            else:
+                self._ready.append(entry)
         if not self._ready:
             return
         with running_loop(self):
@@ -192,8 +198,15 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         return self.call_at(self.time() + delay, callback, *args, context=context)
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
-        # Called by TimerHandle.cancel(); a cancelled entry is skipped when due.
-        pass
+        # Called by TimerHandle.cancel(). A cancelled entry is skipped when
+        # due; but every call with a deadline leaves one behind, due perhaps
+        # hours later, so once they are most of the heap it is rebuilt
+        # without them (as asyncio's own loop does).
+        self._cancelled_timers += 1
+        if self._cancelled_timers > _BATCH and self._cancelled_timers * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if not t[2][0].cancelled()]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
 
     def time(self) -> float:
         return trio.current_time()
@@ -330,15 +343,27 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         are cancelled by grpclib, and connections aborted, while the driver
         still runs the callbacks that takes).
         """
-        self._nursery.start_soon(self._own, fn, args)
+        # The scope exists from now on, so that ending the loop reaches a
+        # task that has not started running yet.
+        scope = trio.CancelScope(shield=True)
+        self._scopes.add(scope)
+        if self._ended:
+            scope.cancel()
+        self._nursery.start_soon(self._own, scope, fn, args)
 
-    async def _own(self, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
-        with trio.CancelScope(shield=True) as scope:
-            self._scopes.add(scope)
-            try:
+    async def _own(
+        self, scope: trio.CancelScope, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]
+    ) -> None:
+        try:
+            with scope:
                 await fn(*args)
-            finally:
-                self._scopes.discard(scope)
+        finally:
+            self._scopes.discard(scope)
+
+    def _end_tasks(self) -> None:
+        self._ended = True
+        for scope in self._scopes:
+            scope.cancel()
 
     # -- connections ---------------------------------------------------------
 
@@ -460,8 +485,7 @@ async def open_loop() -> AsyncIterator[TrioEventLoop]:
             current_loop.reset(token)
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                 await loop._close()
-            for scope in loop._scopes:
-                scope.cancel()
+            loop._end_tasks()
 
 
 @final
@@ -702,7 +726,11 @@ class Listener(asyncio.AbstractServer):
                         log.warning("accepting a connection failed: %s", exc)
                         await trio.sleep(ACCEPT_BACKOFF)
                         continue
-                    self._loop._connect(conn, self._factory)
+                    try:
+                        self._loop._connect(conn, self._factory)
+                    except Exception:  # one bad connection must not stop the server
+                        log.exception("setting up an accepted connection failed")
+                        conn.close()
                     await trio.lowlevel.checkpoint()
         finally:
             if not self._stopped.done():
