@@ -16,11 +16,13 @@ import trio
 
 import boxfiles
 from boxfiles._bridge import Channel, ClientCall, open_channel
+from boxfiles._cli import EXIT_USAGE
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
 from boxfiles._target import parse_target
 from boxfiles._wire import DOWNLOAD, UPLOAD
 
 from .conftest import Leaks, untar
+from .test_cli import PROMPT, boxfiles_cmd, one_line_error, serve_process
 from .test_server_concurrency import grpc_message
 from .test_server_rows import (
     Bytes,
@@ -249,3 +251,28 @@ async def test_bad_limits(root: Path, sock_dir: Path, kwargs: dict[str, Any], ma
     with pytest.raises(ValueError, match=match):
         async with serving(root, sock_dir, **kwargs):
             pass
+
+
+async def hold_the_only_slot(channel: Channel, target: str) -> None:
+    """A stalled upload: others are refused until the idle timeout ends it."""
+    async with channel.open_call(UPLOAD) as call:
+        await call.send_encoded(one_header("/stalled"))
+        with pytest.raises(boxfiles.ResourceExhausted, match="server busy"):
+            await upload(target, files(f=b"x"), "/f")
+        await call.recv()
+
+
+async def test_serve_flags(tmp_path: Path, sock_dir: Path) -> None:
+    for flag in ("--max-transfers", "--idle-timeout"):
+        result = await boxfiles_cmd("serve", "--root", ".", "--listen", "unix:/x", flag, "0")
+        assert result.returncode == EXIT_USAGE
+        assert "must be positive" in one_line_error(result)
+    sock = sock_dir / "s.sock"
+    target = f"unix:{sock}"
+    flags = ("--max-transfers", "1", "--idle-timeout", "0.5")
+    async with serve_process(tmp_path, sock, *flags), open_channel(parse_target(target)) as channel:
+        with trio.fail_after(PROMPT):
+            with pytest.raises(boxfiles.DeadlineExceeded, match="idle timeout"):
+                await hold_the_only_slot(channel, target)
+            await upload(target, files(f=b"x"), "/f")
+    assert (tmp_path / "f").read_bytes() == b"x"
