@@ -18,6 +18,7 @@ import boxfiles
 from boxfiles._bridge import Channel, ClientCall, open_channel
 from boxfiles._cli import EXIT_USAGE
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
+from boxfiles._server import MAX_TRANSFERS
 from boxfiles._target import parse_target
 from boxfiles._wire import DOWNLOAD, UPLOAD
 
@@ -134,6 +135,15 @@ async def test_stalled_clients_do_not_freeze_the_server(root: Path, sock_dir: Pa
     (root / "healthy").rmdir()
     assert listing(root) == before
     await leaks.check()
+
+
+async def test_default_cap(root: Path, sock_dir: Path) -> None:
+    async with serving(root, sock_dir) as target, trio.open_nursery() as clients:
+        await clients.start(hold_stalled, target, MAX_TRANSFERS, 0)
+        await wait_parked(MAX_TRANSFERS)
+        with trio.fail_after(5), pytest.raises(boxfiles.ResourceExhausted, match="server busy"):
+            await download(target, "/")
+        clients.cancel_scope.cancel()
 
 
 def mtimes(top: Path) -> dict[str, int]:

@@ -107,15 +107,15 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=MAX_TRANSFERS,
         metavar="N",
-        help=f"run at most N transfers at once, refuse more (RESOURCE_EXHAUSTED; {MAX_TRANSFERS})",
+        help=f"run at most N transfers at once, refuse more: RESOURCE_EXHAUSTED ({MAX_TRANSFERS})",
     )
     serve.add_argument(
         "--idle-timeout",
         type=_positive_float,
         default=IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="fail a transfer whose client makes no progress for this long "
-        f"(DEADLINE_EXCEEDED; {IDLE_TIMEOUT:g})",
+        help="fail a transfer whose client makes no progress for this long: "
+        f"DEADLINE_EXCEEDED ({IDLE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--allow-remote",
