@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import h2.settings
 import pytest
 import trio
 
@@ -24,7 +25,7 @@ from boxfiles._wire import DOWNLOAD, UPLOAD
 
 from .conftest import Leaks, untar
 from .test_cli import PROMPT, boxfiles_cmd, one_line_error, serve_process
-from .test_server_concurrency import grpc_message
+from .test_server_concurrency import RawClient, grpc_message
 from .test_server_rows import (
     Bytes,
     archive,
@@ -204,6 +205,34 @@ async def test_idle_timeout_fails_a_stalled_download(
                     await stall_download(channel, request_sent, received)
         assert sum(received) < 8 * MiB
         await upload(target, files(f=b"fine"), "/fine")
+    await leaks.check()
+
+
+async def test_idle_timeout_frees_a_download_whose_client_reads_no_bytes(
+    root: Path, sock_dir: Path
+) -> None:
+    # A raw HTTP/2 peer that opens every window wide and then never reads its
+    # socket: the server's writes back up, not just the stream's window.
+    (root / "big.bin").write_bytes(os.urandom(8 * MiB))
+    (root / "small").write_bytes(b"s")
+    leaks = Leaks()
+    options = {"max_transfers": 1, "idle_timeout": 0.5, "chunk_size": 65536}
+    async with serving(root, sock_dir, **options) as target:
+        stream = await trio.open_unix_socket(target.removeprefix("unix:"))
+        async with stream:
+            client = RawClient(stream)
+            client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+            request = grpc_message(DownloadRequest(src_path="/big.bin"))
+            await client.start_call("Download", request, end=True)
+            # Its slot (the only one) comes back after the idle timeout.
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await download(target, "/small")
+                        break
+                    except boxfiles.ResourceExhausted:
+                        await trio.sleep(0.1)
     await leaks.check()
 
 
