@@ -393,7 +393,7 @@ class FilesService:
                 except Exception as err:  # never let clean-up replace the real outcome
                     log.warning("could not remove staging for %s: %r", first.dest_path, err)
         await transfer.from_client(
-            call.send(UploadResponse(success=True)), "the client took no reply"
+            call.send(UploadResponse(success=True)), "placed, but the client took no reply"
         )
 
     async def _receive(
