@@ -180,13 +180,15 @@ async def test_idle_timeout_fails_a_stalled_upload(root: Path, sock_dir: Path, f
     await leaks.check()
 
 
-async def stall_download(channel: Channel, request_sent: bool, received: list[int]) -> None:
+async def stall_download(
+    channel: Channel, request_sent: bool, received: list[int], pause: float = 2.0
+) -> None:
     """A download of /big.bin that sends its request (if ``request_sent``),
-    reads nothing for well over the idle timeout, then all there is."""
+    reads nothing for ``pause`` (well over the idle timeout), then all there is."""
     async with channel.open_call(DOWNLOAD) as call:
         if request_sent:
             await call.send(DownloadRequest(src_path="/big.bin"), end=True)
-        await trio.sleep(2)
+        await trio.sleep(pause)
         while (body := await call.recv_encoded()) is not None:
             received.append(len(body))
 
