@@ -68,11 +68,12 @@ STAGING_PREFIX = ".boxfiles-staging-"
 STALE_AFTER = 60.0
 
 #: Transfers (uploads and downloads together) one server runs at once; one
-#: more is refused at once with RESOURCE_EXHAUSTED, never queued. Each holds
-#: one worker thread of its own, and a download whose client reads nothing
-#: holds about 10 chunks of memory (measured), so this also bounds the
-#: server's threads and buffers.
-MAX_TRANSFERS = 64
+#: more is refused at once with RESOURCE_EXHAUSTED, never queued. Room for a
+#: host's many parallel copies plus a few stalled clients. Each holds one
+#: worker thread of its own, and a download whose client reads nothing holds
+#: about 10 chunks of memory (measured), so this also bounds the server's
+#: threads and buffers.
+MAX_TRANSFERS = 128
 
 #: Seconds a transfer may wait on its client without progress (no message
 #: received for an upload, no message taken for a download) before it is
