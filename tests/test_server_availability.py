@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import h2.events
 import h2.settings
 import pytest
 import trio
@@ -235,6 +236,17 @@ async def test_idle_timeout_frees_a_download_whose_client_reads_no_bytes(
                         break
                     except boxfiles.ResourceExhausted:
                         await trio.sleep(0.1)
+            # Read at last: what was sent, then the status that ended it.
+            trailers: dict[bytes, bytes] = {}
+            with trio.fail_after(10):
+                while not trailers:
+                    data = await stream.receive_some()
+                    assert data, "the server closed the connection without a status"
+                    for event in client.conn.receive_data(data):
+                        if isinstance(event, h2.events.TrailersReceived):
+                            trailers = dict(event.headers or [])
+                    await stream.send_all(client.conn.data_to_send())
+            assert trailers[b"grpc-status"] == b"%d" % boxfiles.Status.DEADLINE_EXCEEDED
     await leaks.check()
 
 
