@@ -11,6 +11,7 @@ import h2.connection
 import h2.events
 import pytest
 import trio
+from google.protobuf.message import Message
 
 import boxfiles
 from boxfiles._aio import FRAME_LIMIT, open_channel
@@ -95,8 +96,8 @@ async def test_many_uploads_and_downloads_at_once(server: str, root: Path) -> No
     assert no_staging(root)
 
 
-def grpc_message(chunk: UploadChunk) -> bytes:
-    body = chunk.SerializeToString()
+def grpc_message(message: Message) -> bytes:
+    body = message.SerializeToString()
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
@@ -109,19 +110,23 @@ class RawClient:
         self.conn.initiate_connection()
 
     async def start_upload(self, first: bytes) -> int:
+        return await self.start_call("Upload", first)
+
+    async def start_call(self, method: str, first: bytes, *, end: bool = False) -> int:
+        """Open a call of ``method`` and send ``first`` (ending the request if ``end``)."""
         sid: int = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             sid,
             [
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", "/boxlite.v1.Files/Upload"),
+                (":path", f"/boxlite.v1.Files/{method}"),
                 (":authority", "localhost"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
             ],
         )
-        self.conn.send_data(sid, first)
+        self.conn.send_data(sid, first, end_stream=end)
         await self.stream.send_all(self.conn.data_to_send())
         return sid
 

@@ -13,7 +13,7 @@ import ctypes
 import gc
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,8 @@ import trio
 
 import boxfiles
 from boxfiles import Status
+from boxfiles._aio import open_channel
+from boxfiles._target import parse_target
 from boxfiles.testing import (
     DropConnection,
     Fault,
@@ -32,6 +34,7 @@ from boxfiles.testing import (
 )
 
 from .conftest import Leaks, tar_of
+from .test_server_availability import stall_download, stall_upload
 
 pytestmark = pytest.mark.soak
 
@@ -44,6 +47,9 @@ TRIO_THREAD_IDLE = 10  # seconds an idle trio worker thread is kept
 # run one at a time, longer when 64 share two cores.
 TIMEOUT = 1.0
 CONCURRENT_TIMEOUT = 5.0
+# The server's: longer than a healthy call ever waits on its client here,
+# and what ends the stalled clients of the last round.
+IDLE_TIMEOUT = 3.0
 
 FAULTS: list[
     tuple[Callable[[], Fault] | None, type[Exception] | tuple[type[Exception], ...] | None]
@@ -113,6 +119,23 @@ async def transfer(
     return None
 
 
+async def ended_by_idle_timeout(stall: Awaitable[None]) -> None:
+    with pytest.raises(boxfiles.DeadlineExceeded, match="idle timeout"):
+        await stall
+
+
+async def stalled_clients(server: FaultServer) -> None:
+    """Clients that stall (an upload after a header, a download before its
+    request) until the server's idle timeout ends them."""
+    with trio.fail_after(IDLE_TIMEOUT + 10):
+        async with open_channel(parse_target(server.target)) as channel:
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(ended_by_idle_timeout, stall_upload(channel, True))
+                    stall = stall_download(channel, False, [], IDLE_TIMEOUT + 1)
+                    nursery.start_soon(ended_by_idle_timeout, stall)
+
+
 async def test_soak(tmp_path: Path, sock_dir: Path) -> None:
     root = tmp_path / "box"
     root.mkdir()
@@ -121,7 +144,9 @@ async def test_soak(tmp_path: Path, sock_dir: Path) -> None:
     work.mkdir()
     rng = random.Random(1234)
     seen: collections.Counter[str] = collections.Counter()
-    async with open_fault_server(root, f"unix:{sock_dir}/soak.sock", chunk_size=65536) as server:
+    async with open_fault_server(
+        root, f"unix:{sock_dir}/soak.sock", chunk_size=65536, idle_timeout=IDLE_TIMEOUT
+    ) as server:
         # Warm up with one round of each pattern, so the baseline already
         # holds what is made once and kept (the allocator's high-water mark
         # after 64 transfers at once, lazily made codecs).
@@ -165,6 +190,7 @@ async def test_soak(tmp_path: Path, sock_dir: Path) -> None:
                 assert match, f"expected {e}, got {got} for {queued}"
                 unmatched.remove(match[0])
             assert unmatched == []
+        await stalled_clients(server)
         with trio.fail_after(10):
             for call in server.calls:
                 await call.finished.wait()

@@ -26,6 +26,7 @@ from ._errors import (
 )
 from ._local import describe_oserror
 from ._progress import format_bytes
+from ._server import IDLE_TIMEOUT, MAX_TRANSFERS
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
@@ -109,6 +110,21 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="refuse uploads larger than N archive bytes (RESOURCE_EXHAUSTED)",
+    )
+    serve.add_argument(
+        "--max-transfers",
+        type=_positive_int,
+        default=MAX_TRANSFERS,
+        metavar="N",
+        help=f"run at most N transfers at once, refuse more: RESOURCE_EXHAUSTED ({MAX_TRANSFERS})",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="fail a transfer whose client makes no progress for this long: "
+        f"DEADLINE_EXCEEDED ({IDLE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--allow-remote",
@@ -269,6 +285,8 @@ def _serve(args: argparse.Namespace) -> int:
                     root,
                     args.listen,
                     max_upload_bytes=args.max_upload_bytes,
+                    max_transfers=args.max_transfers,
+                    idle_timeout=args.idle_timeout,
                     allow_remote=args.allow_remote,
                     task_status=task_status,
                 )

@@ -12,14 +12,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, final
+from typing import Any, NoReturn, TypeVar, final
 
 import trio
 
@@ -39,6 +41,7 @@ from ._confine import (
 )
 from ._errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -64,6 +67,21 @@ from ._wire import (
 )
 
 log = logging.getLogger("boxfiles.server")
+
+T = TypeVar("T")
+
+#: Transfers (uploads and downloads together) one server runs at once; one
+#: more is refused at once with RESOURCE_EXHAUSTED, never queued. Room for a
+#: host's many parallel copies plus a few stalled clients. Each holds one
+#: worker thread of its own, and a download whose client reads nothing holds
+#: about 10 chunks of memory (measured), so this also bounds the server's
+#: threads and buffers.
+MAX_TRANSFERS = 128
+
+#: Seconds a transfer may wait on its client without progress (no message
+#: received for an upload, no message taken for a download) before it is
+#: failed with DEADLINE_EXCEEDED and its slot, thread and staging are freed.
+IDLE_TIMEOUT = 60.0
 
 
 def _check_path(path: str) -> None:
@@ -100,15 +118,36 @@ def _remote_from_os(err: OSError, what: str) -> RemoteError:
 
 @final
 class _Transfer:
-    """The one log line of a transfer: INFO when it succeeded or was a
-    download of nothing (NOT_FOUND), WARNING with the status otherwise."""
+    """One transfer's own resources: its worker-thread slot and its idle
+    timeout; and its one log line: INFO when it succeeded or was a download
+    of nothing (NOT_FOUND), WARNING with the status otherwise."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, idle_timeout: float) -> None:
         self.kind = kind
         self.container = ""
         self.path = ""
         self.bytes = 0
         self._started = time.monotonic()
+        self._idle_timeout = idle_timeout
+        # A slot of its own rather than one of trio's shared 40: a transfer
+        # parks its thread while it waits on its client, and that must never
+        # hold up another client's transfer. Its thread work is sequential,
+        # so one slot is enough; the admission cap bounds the total.
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run_sync(self, fn: Callable[[], T]) -> T:
+        """Run blocking work in this transfer's own worker thread."""
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def from_client(self, waiting: Awaitable[T], stalled: str) -> T:
+        """Await ``waiting`` (which waits on the client), failing the
+        transfer when it makes no progress within the idle timeout."""
+        with trio.move_on_after(self._idle_timeout):
+            return await waiting
+        raise DeadlineExceeded(
+            f"{self.kind} of {self.path or 'an unnamed path'}: {stalled} "
+            f"for {self._idle_timeout:g} s (the server's idle timeout)"
+        )
 
     def _log(self, level: int, outcome: str) -> None:
         log.log(
@@ -321,10 +360,15 @@ class FilesService:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_upload_bytes: int | None = None,
+        max_transfers: int = MAX_TRANSFERS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._roots = dict(roots)
         self._chunk_size = chunk_size
         self._max_upload_bytes = max_upload_bytes
+        self._max_transfers = max_transfers
+        self._idle_timeout = idle_timeout
+        self._transfers = 0
         # Placements into one container run one at a time, so each applies
         # (or is undone) as a whole against a tree no other upload changes.
         self._locks = {cid: trio.Lock() for cid in self._roots}
@@ -343,12 +387,28 @@ class FilesService:
             )
         return next(iter(self._roots.items()))
 
+    @contextmanager
+    def _admit(self, kind: str) -> Iterator[_Transfer]:
+        """Run one transfer within the cap, or refuse it with RESOURCE_EXHAUSTED."""
+        with _Transfer(kind, self._idle_timeout) as transfer:
+            if self._transfers >= self._max_transfers:
+                raise ResourceExhausted(
+                    f"server busy: {self._max_transfers} transfers are running; try again later"
+                )
+            self._transfers += 1
+            try:
+                yield transfer
+            finally:
+                self._transfers -= 1
+
     async def upload(self, call: ServerCall[UploadChunk, UploadResponse]) -> None:
         """Handle one Upload; docs/contract.md tabulates every answer.
 
         Raises:
             RemoteError: the status the client gets (InvalidArgument,
-                NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
+                NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted
+                (too large, or the server is at its transfer cap),
+                DeadlineExceeded (the client stalled past the idle timeout),
                 PermissionDenied, Internal), always with the tree unchanged.
 
         A client reset, or the deadline the client sent (grpc-timeout),
@@ -356,13 +416,13 @@ class FilesService:
         nothing is placed, unless placement had already started, in which
         case it completes as a whole first.
         """
-        with _Transfer("upload") as transfer:
+        with self._admit("upload") as transfer:
             await self._upload(call, transfer)
 
     async def _upload(
         self, call: ServerCall[UploadChunk, UploadResponse], transfer: _Transfer
     ) -> None:
-        body = await call.recv_encoded()
+        body = await transfer.from_client(call.recv_encoded(), "the client sent nothing")
         if body is None:
             raise InvalidArgument("empty upload stream")
         first, data = _decode(body)
@@ -374,7 +434,7 @@ class FilesService:
         transfer.container = cid
         source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
         try:
-            staging = await trio.to_thread.run_sync(_Staging.create, root, first.dest_path)
+            staging = await transfer.run_sync(lambda: _Staging.create(root, first.dest_path))
         except OSError as err:
             raise _remote_from_os(err, first.dest_path) from err
         try:
@@ -390,7 +450,7 @@ class FilesService:
             )
             async with self._locks[cid]:
                 try:
-                    await trio.to_thread.run_sync(
+                    await transfer.run_sync(
                         lambda: staging.place(
                             staged,
                             first.dest_path,
@@ -404,10 +464,12 @@ class FilesService:
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    await trio.to_thread.run_sync(staging.remove)
+                    await transfer.run_sync(staging.remove)
                 except Exception as err:  # never let clean-up replace the real outcome
                     log.warning("could not remove staging for %s: %r", first.dest_path, err)
-        await call.send(UploadResponse(success=True))
+        await transfer.from_client(
+            call.send(UploadResponse(success=True)), "placed, but the client took no reply"
+        )
 
     async def _receive(
         self,
@@ -435,16 +497,17 @@ class FilesService:
                             await send_data.send(data)
                         except trio.BrokenResourceError:
                             return  # the extractor failed; its error explains why
-                    body = await call.recv_encoded()
+                    body = await transfer.from_client(
+                        call.recv_encoded(), "the client sent no more data"
+                    )
                     data = None if body is None else _decode(body)[1]
 
         async def unpack() -> None:
             nonlocal staged
             async with receive_data:
                 try:
-                    staged = await trio.to_thread.run_sync(
-                        extract, ChunkStream(receive_data), staging.tree_fd
-                    )
+                    stream = ChunkStream(receive_data)
+                    staged = await transfer.run_sync(lambda: extract(stream, staging.tree_fd))
                 except OSError as err:
                     raise _remote_from_os(err, f"extracting into {first.dest_path}") from err
 
@@ -457,19 +520,21 @@ class FilesService:
 
         Raises:
             RemoteError: InvalidArgument, FailedPrecondition, NotFound
-                (missing source), PermissionDenied or Internal; once chunks
+                (missing source), ResourceExhausted (the server is at its
+                transfer cap), DeadlineExceeded (the client stalled past the
+                idle timeout), PermissionDenied or Internal; once chunks
                 have been sent, the status ends an incomplete archive.
 
         A client reset or its deadline cancels this handler, which stops the
         packing thread at its next chunk.
         """
-        with _Transfer("download") as transfer:
+        with self._admit("download") as transfer:
             await self._download(call, transfer)
 
     async def _download(
         self, call: ServerCall[DownloadRequest, DownloadChunk], transfer: _Transfer
     ) -> None:
-        request = await call.recv()
+        request = await transfer.from_client(call.recv(), "the client sent no request")
         if request is None:
             raise InvalidArgument("empty download request")
         transfer.path = request.src_path
@@ -479,12 +544,12 @@ class FilesService:
         cid, root = self._container(request.container_id)
         transfer.container = cid
         try:
-            root_fd = await trio.to_thread.run_sync(os.open, root, DIR_FLAGS)
+            root_fd = await transfer.run_sync(lambda: os.open(root, DIR_FLAGS))
         except OSError as err:
             raise _remote_from_os(err, request.src_path) from err
         try:
             try:
-                plan = await trio.to_thread.run_sync(
+                plan = await transfer.run_sync(
                     lambda: _pack.plan(
                         root_fd,
                         request.src_path,
@@ -498,7 +563,7 @@ class FilesService:
                 # The archive's size, sent ahead so a client can show progress
                 # as a share of it (a hint: real peers send none).
                 try:
-                    size = await trio.to_thread.run_sync(_pack.measure, plan)
+                    size = await transfer.run_sync(lambda: _pack.measure(plan))
                 except OSError as err:
                     raise _remote_from_os(err, f"reading {request.src_path}") from err
                 if size is not None:
@@ -521,7 +586,7 @@ class FilesService:
         async def pack() -> None:
             async with send_chunks:
                 try:
-                    await trio.to_thread.run_sync(
+                    await transfer.run_sync(
                         lambda: _pack.pack(plan, _pack.Sink(send_chunks, self._chunk_size))
                     )
                 except OSError as err:
@@ -536,7 +601,7 @@ class FilesService:
                         message.source_is_dir = plan.source_is_dir
                         first = False
                     transfer.bytes += len(data)
-                    await call.send(message)
+                    await transfer.from_client(call.send(message), "the client took no data")
 
         await supervise(pack, stream)
 
@@ -637,6 +702,8 @@ async def serve_files(
     listen: str,
     *,
     max_upload_bytes: int | None = None,
+    max_transfers: int = MAX_TRANSFERS,
+    idle_timeout: float = IDLE_TIMEOUT,
     allow_remote: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
@@ -655,6 +722,13 @@ async def serve_files(
             (0600); a stale socket file nobody listens on is replaced.
         max_upload_bytes: uploads with more archive bytes than this fail
             with RESOURCE_EXHAUSTED, nothing written; None for no limit.
+        max_transfers: uploads and downloads running at once; one more is
+            refused at once with RESOURCE_EXHAUSTED. Each runs its blocking
+            work in one worker thread of its own, so this also caps the
+            server's threads.
+        idle_timeout: seconds a transfer may wait on its client for the
+            next message (upload) or for taking the next one (download);
+            past that it fails with DEADLINE_EXCEEDED, nothing placed.
         allow_remote: allow a TCP address that is not loopback. The protocol
             has no authentication: anyone who can connect can read and write
             every container root.
@@ -677,6 +751,8 @@ async def serve_files(
         root,
         listen,
         max_upload_bytes=max_upload_bytes,
+        max_transfers=max_transfers,
+        idle_timeout=idle_timeout,
         allow_remote=allow_remote,
         chunk_size=chunk_size,
         task_status=task_status,
@@ -689,6 +765,8 @@ async def serve_service(
     listen: str,
     *,
     max_upload_bytes: int | None = None,
+    max_transfers: int = MAX_TRANSFERS,
+    idle_timeout: float = IDLE_TIMEOUT,
     allow_remote: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
@@ -702,8 +780,22 @@ async def serve_service(
         or max_upload_bytes < 0
     ):
         raise ValueError(f"max_upload_bytes must be None or an int >= 0, got {max_upload_bytes!r}")
+    if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
+        raise ValueError(f"max_transfers must be an int >= 1, got {max_transfers!r}")
+    if (
+        isinstance(idle_timeout, bool)
+        or not isinstance(idle_timeout, (int, float))
+        or not 0 < idle_timeout < math.inf
+    ):
+        raise ValueError(
+            f"idle_timeout must be a finite number of seconds > 0, got {idle_timeout!r}"
+        )
     service = FilesService(
-        resolved, chunk_size=check_chunk_size(chunk_size), max_upload_bytes=max_upload_bytes
+        resolved,
+        chunk_size=check_chunk_size(chunk_size),
+        max_upload_bytes=max_upload_bytes,
+        max_transfers=max_transfers,
+        idle_timeout=idle_timeout,
     )
     target = parse_target(listen, listen=True)
     listener = (

@@ -21,7 +21,7 @@ import trio
 from .._aio import Handler, Method, ServerCall
 from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from .._server import FilesService, serve_service
+from .._server import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService, serve_service
 from .._supervise import one_error
 from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD, decode_upload_chunk
 
@@ -58,7 +58,8 @@ class ReplyFailure:
 @dataclass(frozen=True)
 class Stall:
     """Stop reading (upload) or sending (download) after ``after_chunks``
-    chunks, until the client gives up."""
+    chunks, until the client gives up or the server's idle timeout ends the
+    call (DEADLINE_EXCEEDED)."""
 
     after_chunks: int = 0
 
@@ -309,6 +310,8 @@ async def open_fault_server(
     *,
     keep_data: bool = False,
     max_upload_bytes: int | None = None,
+    max_transfers: int = MAX_TRANSFERS,
+    idle_timeout: float = IDLE_TIMEOUT,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> AsyncIterator[FaultServer]:
     """Run a fault-injecting reference server for the block's duration.
@@ -319,6 +322,9 @@ async def open_fault_server(
         keep_data: keep every upload's bytes in :attr:`CallRecord.data`
             (memory grows with the uploads; for small test data).
         max_upload_bytes: as for :func:`boxfiles.serve_files`.
+        max_transfers: as for :func:`boxfiles.serve_files`.
+        idle_timeout: as for :func:`boxfiles.serve_files`; a :class:`Stall`
+            lasts at most this long.
         chunk_size: as for :func:`boxfiles.serve_files`.
 
     On exit (or cancellation) the server stops: calls in flight are reset and
@@ -337,6 +343,8 @@ async def open_fault_server(
             root,
             listen,
             max_upload_bytes=max_upload_bytes,
+            max_transfers=max_transfers,
+            idle_timeout=idle_timeout,
             chunk_size=chunk_size,
             task_status=task_status,
         )
