@@ -35,7 +35,7 @@ from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
 from ._supervise import supervise
-from ._tarstream import ChunkStream, next_member, open_archive, write_member
+from ._tarstream import ChunkStream, CorruptArchive, next_member, open_archive, write_member
 from ._wire import (
     DEFAULT_CHUNK_SIZE,
     HEADER_ROOM,
@@ -403,6 +403,8 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
     dir_meta: dict[str, tuple[int, int]] = {}
     try:
         tar = open_archive(reader)
+    except CorruptArchive as err:
+        raise UnsafeArchive(f"the server sent a corrupt archive: {err}") from err
     except tarfile.ReadError as err:
         if reader.eof:
             raise IncompleteTransfer("the server sent an empty or truncated archive") from err
@@ -413,9 +415,11 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
         while True:
             try:
                 member = next_member(tar)
+            except CorruptArchive as err:
+                raise UnsafeArchive(f"corrupt archive: {err}") from err
             except tarfile.ReadError as err:
                 if reader.eof:
-                    raise IncompleteTransfer("the archive ended early") from err
+                    raise IncompleteTransfer(f"the archive ended early: {err}") from err
                 raise UnsafeArchive(f"corrupt archive: {err}") from err
             except (ValueError, OverflowError) as err:  # absurd numbers in a header
                 raise UnsafeArchive(f"corrupt archive header: {err}") from err
@@ -511,7 +515,7 @@ def _write_file(
 ) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        write_member(tar, member, reader, fd)
+        write_member(member, reader, fd)
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime, mtime))
     finally:

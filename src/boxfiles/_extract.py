@@ -153,18 +153,12 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
                 current = member.name
                 _extract_member(tar, member, stream, tree, dirs, staged)
                 current = f"(header after {member.name})"
-            # tarfile also ends quietly at a bare end of data; a complete
-            # archive has its zero end block at tar.offset.
-            end = tar.offset
     # ValueError, OverflowError: absurd numbers in a header (a NaN or far-off
     # mtime, a negative size).
     except (tarfile.TarError, EOFError, ValueError, OverflowError) as err:
         raise InvalidArgument(f"truncated or corrupt archive at entry {current}: {err}") from err
     finally:
         tree.forget()
-    stream.drain()
-    if stream.taken < end + tarfile.BLOCKSIZE:
-        raise InvalidArgument(f"truncated archive: no end-of-archive block after {current}")
     # Directories last and deepest first, so adding their entries did not
     # disturb the mtimes and read-only modes do not block extraction.
     # Through an fd: a name could have been swapped for a symlink.
@@ -237,7 +231,7 @@ def _extract_member(
             dir_fd=parent,
         )
         try:
-            write_member(tar, member, stream, fd)
+            write_member(member, stream, fd)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         finally:
