@@ -426,7 +426,7 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
             if member is None:
                 break
             try:
-                _extract_one(tar, member, reader, staging, kinds, dir_meta, out)
+                _extract_one(member, reader, staging, kinds, dir_meta, out)
             except tarfile.ReadError as err:  # the data of a file ran out
                 raise IncompleteTransfer(f"the archive ended inside {member.name!r}") from err
             except (ValueError, OverflowError) as err:  # a NaN or far-off mtime, say
@@ -447,7 +447,6 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
 
 
 def _extract_one(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     reader: ChunkStream,
     staging: str,
@@ -489,7 +488,7 @@ def _extract_one(
         dir_meta[rel] = (mode, mtime)
         kinds[rel] = "dir"
     elif member.isreg():
-        _write_file(tar, member, reader, path, mode, mtime)
+        _write_file(member, reader, path, mode, mtime)
         kinds[rel] = "file"
     elif member.issym():
         os.symlink(member.linkname, path)
@@ -506,7 +505,6 @@ def _extract_one(
 
 
 def _write_file(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     reader: ChunkStream,
     path: str,

@@ -151,7 +151,7 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
                 if member is None:
                     break
                 current = member.name
-                _extract_member(tar, member, stream, tree, dirs, staged)
+                _extract_member(member, stream, tree, dirs, staged)
                 current = f"(header after {member.name})"
     # ValueError, OverflowError: absurd numbers in a header (a NaN or far-off
     # mtime, a negative size).
@@ -183,7 +183,6 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
 
 
 def _extract_member(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     stream: ChunkStream,
     tree: _Tree,
