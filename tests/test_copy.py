@@ -20,8 +20,9 @@ import boxfiles
 from boxfiles._aio import ServerCall
 from boxfiles._progress import INTERVAL
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from boxfiles._tarstream import MAX_HEADER_READ
+from boxfiles._tarstream import MAX_ENTRY_HEADER_BYTES
 
+from . import tarshapes
 from .conftest import Leaks, assert_no_asyncio_tasks
 from .rig import Record, recv_all, scripted_server
 
@@ -399,7 +400,7 @@ HOSTILE = {
     "garbage": os.urandom(4096),
     "huge-pax-header": tar_bytes(
         (entry("d", tarfile.DIRTYPE), None),
-        (with_pax(entry("d/f"), comment="c" * (MAX_HEADER_READ + 1)), b"x"),
+        (with_pax(entry("d/f"), comment="c" * (MAX_ENTRY_HEADER_BYTES + 1)), b"x"),
     ),
 }
 
@@ -462,6 +463,53 @@ async def test_truncated_archive_is_incomplete(sock_dir: Path, tmp_path: Path) -
         async with boxfiles.open_client(srv.target) as client:
             with pytest.raises(boxfiles.IncompleteTransfer):
                 await client.copy_out("/d", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def copy_out_of(
+    sock_dir: Path,
+    data: bytes,
+    dests: list[Path],
+    error: type[Exception] | None = None,
+    match: str = "",
+) -> None:
+    """copy_out of "/ok" from a server that answers OK with ``data``, expecting ``error``."""
+    async with scripted_server(sock_dir, download=serve_bytes(data)) as srv:  # type: ignore[arg-type]
+        async with boxfiles.open_client(srv.target) as client:
+            for dest in dests:
+                if error is None:
+                    await client.copy_out("/ok", dest)
+                    continue
+                with pytest.raises(error, match=match):
+                    await client.copy_out("/ok", dest)
+
+
+async def test_archive_with_a_proper_end_is_copied(sock_dir: Path, tmp_path: Path) -> None:
+    # The control for the shapes below: ended properly, padded with zeros.
+    data = tarshapes.whole(tarshapes.member_bytes("ok", b"fine"))
+    await copy_out_of(sock_dir, data + b"\0" * (10240 - len(data)), [tmp_path / "out"])
+    assert (tmp_path / "out").read_bytes() == b"fine"
+
+
+@pytest.mark.parametrize(("name", "shape"), sorted(tarshapes.corrupt_shapes().items()))
+async def test_corrupt_archive_is_unsafe_and_leaves_nothing(
+    sock_dir: Path, tmp_path: Path, name: str, shape: tuple[bytes, str]
+) -> None:
+    data, named = shape
+    (tmp_path / "keep").write_bytes(b"k")
+    before = snapshot(tmp_path)
+    dests = [tmp_path / "out", tmp_path / "keep"]
+    await copy_out_of(sock_dir, data, dests, boxfiles.UnsafeArchive, named)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("name", "data"), sorted(tarshapes.truncated_shapes().items()))
+async def test_archive_without_end_marker_is_incomplete(
+    sock_dir: Path, tmp_path: Path, name: str, data: bytes
+) -> None:
+    await copy_out_of(
+        sock_dir, data, [tmp_path / "out"], boxfiles.IncompleteTransfer, "end-of-archive blocks"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

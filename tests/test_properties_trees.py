@@ -25,6 +25,7 @@ from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles.testing import short_socket_dir
 
+from . import tarshapes
 from .conftest import BytesReader
 from .rig import DownloadScript, scripted_server
 
@@ -237,7 +238,61 @@ archives = st.lists(
 ).map(lambda groups: [e for group in groups for e in group])
 
 
-def tar_bytes(entries: list[Entry], sentinel: Path) -> bytes:
+@dataclass(frozen=True)
+class Damage:
+    """A corruption of a whole archive; every one must be refused."""
+
+    kind: str
+    size: int  # how many bytes it adds, cuts or where it strikes, by kind
+
+    def apply(self, body: bytes) -> bytes:
+        """``body`` (members without the end marker), damaged and ended."""
+        end = tarshapes.END
+        match self.kind:
+            case "garbage":  # where the next header or the end should be
+                return body + bytes(1 + i % 255 for i in range(self.size))
+            case "truncated-end":
+                return body + end[: self.size % len(end)]
+            case "non-zero-in-end":
+                hit = self.size % len(end)
+                return body + end[:hit] + b"\x01" + end[hit + 1 :]
+            case "non-zero-after-end":
+                return body + end + b"\0" * self.size + b"\x01"
+            case "bad-checksum":
+                later = bytearray(tarshapes.member_bytes("later"))
+                later[148 + self.size % 6] ^= 1  # a digit of the checksum
+                return body + bytes(later) + end
+            case "malformed-pax":
+                pax = tarshapes.extension(b"x", b"%d comment=x\n" % (14 + self.size))
+                return pax + body + end
+            case "oversized-pax":
+                record = tarshapes.pax_record("comment", "c" * (64 * KiB + self.size))
+                return tarshapes.extension(b"x", record) + body + end
+            case "digits-pax":
+                record = tarshapes.pax_record("path", "1" * (300 + self.size))
+                return tarshapes.extension(b"x", record) + body + end
+            case "sparse":
+                return body + tarshapes.sparse_member("d/holes") + end
+        raise AssertionError(self.kind)
+
+
+DAMAGE_KINDS = [
+    "garbage",
+    "truncated-end",
+    "non-zero-in-end",
+    "non-zero-after-end",
+    "bad-checksum",
+    "malformed-pax",
+    "oversized-pax",
+    "digits-pax",
+    "sparse",
+]
+damages = st.one_of(
+    st.none(), st.builds(Damage, st.sampled_from(DAMAGE_KINDS), st.integers(0, 5000))
+)
+
+
+def tar_bytes(entries: list[Entry], sentinel: Path, damage: Damage | None = None) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for e in entries:
@@ -248,7 +303,8 @@ def tar_bytes(entries: list[Entry], sentinel: Path) -> bytes:
             data = e.data if e.kind == tarfile.REGTYPE else b""
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data) if data else None)
-    return out.getvalue()
+        body = out.getvalue()
+    return out.getvalue() if damage is None else damage.apply(body)
 
 
 def make_work(tmp: Path) -> tuple[Path, Path]:
@@ -274,9 +330,13 @@ def outside(tmp: Path, *inside: Path) -> dict[str, tuple[object, ...]]:
 
 
 @SETTINGS
-@given(entries=archives, dest=st.sampled_from(["/d", "/", "/existing", "/escape", "/up/x"]))
+@given(
+    entries=archives,
+    dest=st.sampled_from(["/d", "/", "/existing", "/escape", "/up/x"]),
+    damage=damages,
+)
 async def test_hostile_upload_never_writes_outside_the_root(
-    entries: list[Entry], dest: str
+    entries: list[Entry], dest: str, damage: Damage | None
 ) -> None:
     with short_socket_dir() as tmp, short_socket_dir() as sock_dir:
         work, sentinel = make_work(tmp)
@@ -291,7 +351,7 @@ async def test_hostile_upload_never_writes_outside_the_root(
         before_outside = outside(tmp, root)
         # Directory mtimes aside: staging is made and removed in the root.
         before_inside = listing(root, dir_mtimes=False)
-        data = tar_bytes(entries, sentinel)
+        data = tar_bytes(entries, sentinel, damage)
         refused: boxfiles.RemoteError | None = None
         async with reference_server(root, sock_dir) as target:
             async with boxfiles.open_client(target) as client:
@@ -302,6 +362,7 @@ async def test_hostile_upload_never_writes_outside_the_root(
                         refused = exc
         event("refused" if refused else "accepted")  # shown by --hypothesis-show-statistics
         assert outside(tmp, root) == before_outside
+        assert refused is not None or damage is None
         if refused is not None:
             assert isinstance(refused, boxfiles.InvalidArgument), refused
             assert listing(root, dir_mtimes=False) == before_inside
@@ -343,7 +404,7 @@ def make_links(top: Path, links: dict[str, str], sentinel: Path) -> None:
 
 
 @SETTINGS
-@given(entries=archives, links=dest_links)
+@given(entries=archives, links=dest_links, damage=damages)
 # The honest archive of /d meeting a link named d, and links inside a
 # directory a merge walks into: always tried, whatever else is generated.
 @example(
@@ -353,9 +414,10 @@ def make_links(top: Path, links: dict[str, str], sentinel: Path) -> None:
         Entry("d/a/b", tarfile.REGTYPE),
     ],
     links={"d": SENTINEL, "a/b": f"{SENTINEL}/keep", "d/a": "../sentinel"},
+    damage=None,
 )
 async def test_hostile_download_never_writes_outside_dest(
-    entries: list[Entry], links: dict[str, str]
+    entries: list[Entry], links: dict[str, str], damage: Damage | None
 ) -> None:
     with short_socket_dir() as tmp, short_socket_dir() as sock_dir:
         work, sentinel = make_work(tmp)
@@ -367,7 +429,7 @@ async def test_hostile_download_never_writes_outside_dest(
         out = work / "out"
         before_outside = outside(tmp, existing, named)
         before = {top: listing(top) for top in (existing, named)}
-        data = tar_bytes(entries, sentinel)
+        data = tar_bytes(entries, sentinel, damage)
         errors = (boxfiles.UnsafeArchive, boxfiles.LocalIOError, boxfiles.IncompleteTransfer)
         async with scripted_server(sock_dir, download=serve(data)) as srv:
             async with boxfiles.open_client(srv.target) as client:
@@ -390,6 +452,7 @@ async def test_hostile_download_never_writes_outside_dest(
         # Only dest itself may have appeared beside the sentinel: no staging
         # left, nothing written through a link.
         assert outside(tmp, existing, named, out) == before_outside
+        assert not (damage is not None and (placed or any(changed.values())))
         # lexists: what was placed may be a symlink, dangling from out's place.
         assert os.path.lexists(out) == placed
         assert not list(work.rglob(".boxfiles-*"))

@@ -38,7 +38,7 @@ from ._local import ChunkReader, UploadBuffers, describe_oserror
 from ._paxtime import mtime_ns, set_mtime_ns
 from ._progress import Meter, Progress, check_progress
 from ._supervise import supervise
-from ._tarstream import ChunkStream, next_member, open_archive, write_member
+from ._tarstream import ChunkStream, CorruptArchive, next_member, open_archive, write_member
 from ._wire import (
     DEFAULT_CHUNK_SIZE,
     HEADER_ROOM,
@@ -419,6 +419,8 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
     dir_meta: dict[str, tuple[int, int]] = {}
     try:
         tar = open_archive(reader)
+    except CorruptArchive as err:
+        raise UnsafeArchive(f"the server sent a corrupt archive: {err}") from err
     except tarfile.ReadError as err:
         if reader.eof:
             raise IncompleteTransfer("the server sent an empty or truncated archive") from err
@@ -429,16 +431,18 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
         while True:
             try:
                 member = next_member(tar)
+            except CorruptArchive as err:
+                raise UnsafeArchive(f"corrupt archive: {err}") from err
             except tarfile.ReadError as err:
                 if reader.eof:
-                    raise IncompleteTransfer("the archive ended early") from err
+                    raise IncompleteTransfer(f"the archive ended early: {err}") from err
                 raise UnsafeArchive(f"corrupt archive: {err}") from err
             except (ValueError, OverflowError) as err:  # absurd numbers in a header
                 raise UnsafeArchive(f"corrupt archive header: {err}") from err
             if member is None:
                 break
             try:
-                _extract_one(tar, member, reader, staging, kinds, dir_meta, out)
+                _extract_one(member, reader, staging, kinds, dir_meta, out)
             except tarfile.ReadError as err:  # the data of a file ran out
                 raise IncompleteTransfer(f"the archive ended inside {member.name!r}") from err
             except (ValueError, OverflowError) as err:  # a NaN or far-off mtime, say
@@ -459,7 +463,6 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
 
 
 def _extract_one(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     reader: ChunkStream,
     staging: str,
@@ -516,7 +519,7 @@ def _extract_one(
         dir_meta[rel] = (mode, mtime)
         kinds[rel] = "dir"
     elif member.isreg():
-        _write_file(tar, member, reader, path, mode, mtime)
+        _write_file(member, reader, path, mode, mtime)
         kinds[rel] = "file"
     elif member.issym():
         os.symlink(member.linkname, path)
@@ -541,7 +544,6 @@ def _forget(rel: str, kinds: dict[str, str], dir_meta: dict[str, tuple[int, int]
 
 
 def _write_file(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     reader: ChunkStream,
     path: str,
@@ -550,7 +552,7 @@ def _write_file(
 ) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        write_member(tar, member, reader, fd)
+        write_member(member, reader, fd)
         os.fchmod(fd, mode)
         os.utime(fd, ns=(mtime, mtime))
     finally:

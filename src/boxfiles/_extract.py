@@ -181,20 +181,14 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
                 if member is None:
                     break
                 current = member.name
-                _extract_member(tar, member, stream, tree, dirs, staged)
+                _extract_member(member, stream, tree, dirs, staged)
                 current = f"(header after {member.name})"
-            # tarfile also ends quietly at a bare end of data; a complete
-            # archive has its zero end block at tar.offset.
-            end = tar.offset
     # ValueError, OverflowError: absurd numbers in a header (a NaN or far-off
     # mtime, a negative size).
     except (tarfile.TarError, EOFError, ValueError, OverflowError) as err:
         raise InvalidArgument(f"truncated or corrupt archive at entry {current}: {err}") from err
     finally:
         tree.forget()
-    stream.drain()
-    if stream.taken < end + tarfile.BLOCKSIZE:
-        raise InvalidArgument(f"truncated archive: no end-of-archive block after {current}")
     # Directories last and deepest first, so adding their entries did not
     # disturb the mtimes. Modes that would lock their owner out wait for
     # placement (see Staged.restricted). Through an fd: a name could have
@@ -222,7 +216,6 @@ def extract(stream: ChunkStream, tree_fd: int) -> Staged:
 
 
 def _extract_member(
-    tar: tarfile.TarFile,
     member: tarfile.TarInfo,
     stream: ChunkStream,
     tree: _Tree,
@@ -270,7 +263,7 @@ def _extract_member(
             dir_fd=parent,
         )
         try:
-            write_member(tar, member, stream, fd)
+            write_member(member, stream, fd)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         finally:

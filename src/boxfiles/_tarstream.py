@@ -11,18 +11,47 @@ slices of them, copied by nothing but the kernel.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
-from typing import final
+from typing import cast, final
 
 import trio
 
-#: Most bytes tarfile may ask for at once: a header block, or the body of a
-#: PAX or GNU long-name header. A hostile archive declaring a larger header
-#: is refused rather than read into memory.
-MAX_HEADER_READ = 1024 * 1024
+#: Most header bytes one entry may have: its header block plus every PAX
+#: (``x``, ``g``) and GNU long name/link (``L``, ``K``) header before it.
+#: A 4 KiB long name and ordinary PAX records fit many times over; a larger
+#: header is refused before it is read into memory.
+MAX_ENTRY_HEADER_BYTES = 64 * 1024
 
-#: Bytes per read of a GNU sparse member's data (holes included).
-SPARSE_PIECE = 64 * 1024
+#: Most bytes of global PAX (``g``) headers in one archive. tarfile merges
+#: them all into one dict kept for the whole archive; real archives have at
+#: most one, of a few records.
+MAX_GLOBAL_HEADER_BYTES = 1024 * 1024
+
+#: Longest run of ASCII digits in a PAX header. The interpreter's tarfile
+#: (before CVE-2024-6232 was fixed) searches the header with a regex that is
+#: quadratic in such a run; this bound keeps it linear in the header size.
+#: Numbers (sizes, times) and ordinary names are far shorter.
+MAX_PAX_DIGIT_RUN = 256
+
+_BLOCK = tarfile.BLOCKSIZE
+#: Header types whose body is more header: PAX (x, Solaris X, global g) and
+#: GNU long name/link (L, K).
+_EXTENSION_TYPES = frozenset(b"xXgLK")
+_PAX_TYPES = frozenset(b"xXg")
+#: GNU sparse members (type S, or PAX GNU.sparse.* keys) are refused: their
+#: holes expand a small archive into unbounded writes, and our packer never
+#: writes them.
+_SPARSE_TYPE = ord("S")
+_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_PAX_DIGIT_RUN + 1))
+
+
+class CorruptArchive(tarfile.ReadError):
+    """The archive is malformed or hostile; the message names the byte offset."""
+
+
+class TruncatedArchive(tarfile.ReadError):
+    """The archive ended before its end-of-archive blocks."""
 
 
 @final
@@ -44,6 +73,16 @@ class ChunkStream:
         self.taken = 0
         #: The channel has ended: every byte has been received.
         self.eof = False
+        #: The last block tarfile read as a header, and its offset: where
+        #: tarfile stopped if it found no further member.
+        self._last_header = b""
+        self._last_header_at = 0
+        #: The extension header whose body tarfile reads next: (type, size).
+        self._body: tuple[int, int] | None = None
+        #: Header bytes read for the current entry and, of global PAX
+        #: headers, for the whole archive.
+        self._entry_header_bytes = 0
+        self._global_header_bytes = 0
 
     async def _refill(self) -> None:
         try:
@@ -66,13 +105,40 @@ class ChunkStream:
     def read(self, size: int = -1, /) -> bytes:
         """Exactly ``size`` bytes, fewer only at the end (for tarfile's headers).
 
+        Each header is checked before tarfile parses it (see check_header).
+
         Raises:
-            tarfile.ReadError: ``size`` is negative or over MAX_HEADER_READ.
+            CorruptArchive: a header breaks a bound or is malformed.
+            tarfile.ReadError: ``size`` is negative.
         """
-        if size > MAX_HEADER_READ:
-            raise tarfile.ReadError(f"archive header of {size} bytes is too large")
+        at = self.taken
         if size < 0:
             raise tarfile.ReadError(f"archive header declares a negative size ({size})")
+        if size == 1:  # tarfile probing that the previous member's data is all there
+            return self._take(size)
+        self._entry_header_bytes += size
+        if self._entry_header_bytes > MAX_ENTRY_HEADER_BYTES:
+            raise CorruptArchive(
+                f"archive headers at byte {at} exceed {MAX_ENTRY_HEADER_BYTES} bytes for one entry"
+            )
+        data = self._take(size)
+        if self._body is not None:
+            kind, declared = self._body
+            self._body = None
+            _check_extension(kind, data[:declared], data[declared:], at)
+        elif size == _BLOCK:
+            self._last_header, self._last_header_at = data, at
+            self._body = _check_header(data, at)
+            if self._body is not None and self._body[0] == ord("g"):
+                self._global_header_bytes += self._body[1]
+                if self._global_header_bytes > MAX_GLOBAL_HEADER_BYTES:
+                    raise CorruptArchive(
+                        f"global PAX headers at byte {at} exceed"
+                        f" {MAX_GLOBAL_HEADER_BYTES} bytes for one archive"
+                    )
+        return data
+
+    def _take(self, size: int) -> bytes:
         pieces = []
         left = size
         while left and (got := self._available()):
@@ -109,6 +175,43 @@ class ChunkStream:
     def drain(self) -> None:
         """Skip to the end."""
         while got := self._available():
+            self._advance(got)
+
+    def start_entry(self) -> None:
+        """Count header bytes afresh: tarfile is about to read the next entry's."""
+        self._entry_header_bytes = 0
+
+    def end_of_archive(self) -> None:
+        """Check that tarfile stopped at an end-of-archive marker, and read to the end.
+
+        A valid end is two zero blocks; after them only zero bytes may follow
+        (the padding of the last record). GNU tar ignores anything there, but
+        data after the marker (a second archive appended, say) would be lost
+        without a word, so it is refused.
+
+        Raises:
+            TruncatedArchive: the stream ended before the two zero blocks.
+            CorruptArchive: non-zero bytes where a header, the marker or its
+                padding should be.
+        """
+        block, at = self._last_header, self._last_header_at
+        if len(block) < _BLOCK:
+            raise TruncatedArchive(
+                f"archive ends at byte {at + len(block)} without its end-of-archive blocks"
+            )
+        if block.count(0) != _BLOCK:
+            raise CorruptArchive(f"corrupt archive header at byte {at}")
+        second = self._take(_BLOCK)
+        if len(second) < _BLOCK:
+            raise TruncatedArchive(
+                f"archive ends at byte {self.taken} inside its end-of-archive blocks"
+            )
+        _check_zeros(second, at + _BLOCK, "in the end-of-archive marker")
+        while got := self._available():
+            start = self._start
+            _check_zeros(
+                self._chunk[start : start + got], self.taken, "after the end-of-archive marker"
+            )
             self._advance(got)
 
     def write_to(self, fd: int, size: int) -> None:
@@ -151,29 +254,105 @@ def next_member(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
     Raises what ``TarFile.next`` raises: tarfile.ReadError for a corrupt or
     truncated header, ValueError or OverflowError for absurd numbers in one.
     """
+    stream = cast(ChunkStream, tar.fileobj)  # open_archive opened it over one
+    stream.start_entry()
     member = tar.next()
     # tarfile keeps every header it read; drop them so memory does not grow
     # with the number of entries.
     tar.members.clear()  # type: ignore[attr-defined]
+    if member is None:
+        # tarfile also ends quietly at a bad or short header: only an
+        # end-of-archive marker is the end.
+        stream.end_of_archive()
     return member
 
 
-def write_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, stream: ChunkStream, fd: int
-) -> None:
+def write_member(member: tarfile.TarInfo, stream: ChunkStream, fd: int) -> None:
     """Write a regular member's data to ``fd``; the stream must be at its data.
 
     Raises:
         tarfile.ReadError: the data ended early.
         OSError: writing failed.
     """
-    if member.sparse is None:
-        stream.write_to(fd, member.size)
+    stream.write_to(fd, member.size)
+
+
+def _check_header(block: bytes, at: int) -> tuple[int, int] | None:
+    """Check a header block; return (type, size) if its body is more header.
+
+    A block tarfile would not accept as a header (zero, bad checksum) is left
+    to it: it stops there, and ``end_of_archive`` decides.
+
+    Raises:
+        CorruptArchive: a sparse member, or an extension header too large.
+    """
+    if (
+        block.count(0) == _BLOCK
+        or _octal(block[148:156])
+        not in (
+            sum(block[:148]) + 256 + sum(block[156:]),  # the checksum field counts as spaces
+            sum(memoryview(block).cast("b")[:148]) + 256 + sum(memoryview(block).cast("b")[156:]),
+        )
+    ):
+        return None
+    size = _octal(block[124:136])
+    kind = block[156]
+    if kind == _SPARSE_TYPE:
+        raise CorruptArchive(f"archive entry at byte {at} is a GNU sparse file: not accepted")
+    if kind not in _EXTENSION_TYPES:
+        return None
+    if size > MAX_ENTRY_HEADER_BYTES:
+        raise CorruptArchive(
+            f"archive header at byte {at} declares {size} bytes of extension"
+            f" (at most {MAX_ENTRY_HEADER_BYTES})"
+        )
+    return kind, size
+
+
+def _octal(field: bytes) -> int:
+    """A header's octal number field; -1 if it is not one (tarfile judges it)."""
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return -1
+
+
+def _check_extension(kind: int, body: bytes, padding: bytes, at: int) -> None:
+    """Check an extension header's body, in time linear in its size.
+
+    Raises:
+        CorruptArchive: a malformed PAX header, or one with GNU.sparse keys.
+    """
+    if len(body) + len(padding) != -(-len(body) // _BLOCK) * _BLOCK:
+        return  # short: tarfile reports the truncation
+    _check_zeros(padding, at + len(body), "in the padding of an extension header")
+    if kind not in _PAX_TYPES:
         return
-    # GNU sparse members are rare: tarfile maps their holes, a piece at a time.
-    data = tar.extractfile(member)
-    assert data is not None  # a regular member always has data
-    while piece := data.read(SPARSE_PIECE):
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(fd, view) :]
+    if run := _DIGIT_RUN.search(body):
+        raise CorruptArchive(
+            f"PAX header at byte {at + run.start()} has more than"
+            f" {MAX_PAX_DIGIT_RUN} digits in a row"
+        )
+    pos = 0
+    while pos < len(body):
+        # "LEN key=value\n", LEN counting the whole record.
+        space = body.find(b" ", pos, pos + 21)
+        digits = body[pos:space]
+        if space < 0 or not digits.isdigit():
+            raise CorruptArchive(f"malformed PAX record at byte {at + pos}: no length")
+        end = pos + int(digits)
+        equals = body.find(b"=", space + 1, end)
+        if end > len(body) or equals <= space + 1 or body[end - 1] != ord("\n"):
+            raise CorruptArchive(f"malformed PAX record at byte {at + pos}")
+        if body.startswith(b"GNU.sparse.", space + 1):
+            raise CorruptArchive(
+                f"PAX header at byte {at} describes a GNU sparse file: not accepted"
+            )
+        pos = end
+
+
+def _check_zeros(data: bytes | memoryview, at: int, where: str) -> None:
+    """Raise CorruptArchive naming the first non-zero byte of ``data`` (at offset ``at``)."""
+    stripped = bytes(data).lstrip(b"\0")
+    if stripped:
+        raise CorruptArchive(f"non-zero byte {where} at byte {at + len(data) - len(stripped)}")
