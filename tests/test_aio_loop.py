@@ -4,6 +4,8 @@ cancellation both ways."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 import trio
@@ -87,3 +89,17 @@ async def test_leaving_the_block_ends_every_asyncio_task() -> None:
         task = loop.create_task(asyncio.sleep(3600))
     assert task.cancelled()
     assert loop.is_closed()
+
+
+async def test_a_cancelled_timer_lets_go_of_what_its_callback_reaches() -> None:
+    class Payload:
+        def __call__(self) -> None:
+            raise AssertionError("cancelled: never called")
+
+    async with open_loop() as loop:
+        payload = Payload()
+        alive = weakref.ref(payload)
+        loop.call_later(3600, payload).cancel()
+        del payload
+        gc.collect()
+        assert alive() is None

@@ -73,6 +73,25 @@ _Entry = tuple[asyncio.Handle, Callable[..., object], tuple[Any, ...], contextva
 
 
 @final
+class _Timer(asyncio.TimerHandle):
+    """A TimerHandle that lets go of its callback when cancelled.
+
+    A cancelled timer waits in the heap until it is due, perhaps hours away
+    (grpclib sets one per call with a deadline); what its callback reaches
+    (a call's error, its traceback, its frames, their buffers) must not
+    wait with it.
+    """
+
+    __slots__ = ("entry",)
+
+    entry: list[Any] | None  # callback, args, context
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.entry = None
+
+
+@final
 class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
     """The asyncio loop grpclib runs on. Made by :func:`open_loop`.
 
@@ -84,7 +103,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._ready: deque[_Entry] = deque()
-        self._timers: list[tuple[float, int, _Entry]] = []
+        self._timers: list[tuple[float, int, _Timer]] = []
         self._cancelled_timers = 0
         self._sequence = itertools.count()
         self._parked: trio.lowlevel.Task | None = None
@@ -110,11 +129,11 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         now = self.time()
         timers = self._timers
         while timers and timers[0][0] <= now:
-            entry = heapq.heappop(timers)[2]
-            if entry[0].cancelled():
+            timer = heapq.heappop(timers)[2]
+            if timer.entry is None:
                 self._cancelled_timers = max(0, self._cancelled_timers - 1)
             else:
-                self._ready.append(entry)
+                self._ready.append((timer, *timer.entry))
         if not self._ready:
             return
         with running_loop(self):
@@ -179,10 +198,9 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         context = contextvars.copy_context() if context is None else context
-        handle = asyncio.TimerHandle(when, callback, args, self, context)
-        heapq.heappush(
-            self._timers, (when, next(self._sequence), (handle, callback, args, context))
-        )
+        handle = _Timer(when, callback, args, self, context)
+        handle.entry = [callback, args, context]
+        heapq.heappush(self._timers, (when, next(self._sequence), handle))
         if self._parked is not None:  # it may now have an earlier deadline
             task, self._parked = self._parked, None
             trio.lowlevel.reschedule(task)
@@ -204,7 +222,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         # without them (as asyncio's own loop does).
         self._cancelled_timers += 1
         if self._cancelled_timers > _BATCH and self._cancelled_timers * 2 > len(self._timers):
-            self._timers = [t for t in self._timers if not t[2][0].cancelled()]
+            self._timers = [t for t in self._timers if t[2].entry is not None]
             heapq.heapify(self._timers)
             self._cancelled_timers = 0
 
