@@ -43,6 +43,25 @@ async def server(root: Path, sock_dir: Path) -> AsyncIterator[str]:
         nursery.cancel_scope.cancel()
 
 
+def deep_chain(top: Path, levels: int, leaf: bytes = b"leaf", *, name: str = "leaf") -> None:
+    """``top/d/d/.../d/NAME`` holding ``leaf``, ``levels`` directories below
+    ``top`` (made if missing), made one fd at a time: a path this deep is
+    past PATH_MAX, and a walk per path would recurse."""
+    top.mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, leaf)
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
 class BytesReader:
     """An async reader over ``data`` that hands out at most ``step`` per read."""
 

@@ -26,6 +26,7 @@ from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles._wire import DEFAULT_CHUNK_SIZE
 from boxfiles.testing import open_fault_server
 
+from .conftest import deep_chain
 from .rig import scripted_server
 from .test_copy import entry, listing, serve_bytes, tar_bytes
 
@@ -247,23 +248,6 @@ async def test_a_dropped_directory_takes_its_hard_link_targets_with_it(
 # ---------------------------------------------------------------- deep trees
 
 
-def make_deep(top: Path, depth: int, leaf: bytes = b"leaf") -> None:
-    """top/d/d/.../d/f, ``depth`` directories below top, made level by level."""
-    top.mkdir(parents=True)
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        wfd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(wfd, leaf)
-        os.close(wfd)
-    finally:
-        os.close(fd)
-
-
 def deep_leaf(top: Path, depth: int) -> bytes:
     return Path(top, *["d"] * depth, "f").read_bytes()
 
@@ -291,7 +275,7 @@ def deep_tar(depth: int, *, leaf: bytes = b"leaf", truncate: bool = False) -> by
 
 async def test_copy_out_of_a_deep_tree(sock_dir: Path, deep_cleanup: Path) -> None:
     tmp_path = deep_cleanup
-    make_deep(tmp_path / "merge" / "top", DEEP, b"old")
+    deep_chain(tmp_path / "merge" / "top", DEEP, b"old", name="f")
     async with scripted_server(sock_dir, download=serve_bytes(deep_tar(DEEP))) as srv:  # type: ignore[arg-type]
         async with boxfiles.open_client(srv.target) as client:
             with trio.fail_after(PROMPT):
@@ -315,7 +299,7 @@ async def test_a_failed_deep_copy_out_leaves_nothing(sock_dir: Path, deep_cleanu
 
 async def test_copy_in_of_a_deep_tree(sock_dir: Path, deep_cleanup: Path) -> None:
     tmp_path = deep_cleanup
-    make_deep(tmp_path / "top", DEEP)
+    deep_chain(tmp_path / "top", DEEP, name="f")
     async with scripted_server(sock_dir) as srv, boxfiles.open_client(srv.target) as client:
         with trio.fail_after(PROMPT):
             await client.copy_in(tmp_path / "top", "/top")
@@ -355,7 +339,7 @@ async def test_placement_holds_a_bounded_number_of_descriptors(
 ) -> None:
     tmp_path = deep_cleanup
     depth = 8 * MAX_PLACE_FDS
-    make_deep(tmp_path / "merge" / "top", depth, b"old")
+    deep_chain(tmp_path / "merge" / "top", depth, b"old", name="f")
     (tmp_path / "fail").mkdir()
     whole, truncated = deep_tar(depth), deep_tar(depth, leaf=os.urandom(4096), truncate=True)
     sent = 0

@@ -27,6 +27,7 @@ from boxfiles._confine import MAX_FDS, STAGING_PREFIX, locate, remove_tree
 from boxfiles._server import sweep_stale_staging
 from boxfiles._wire import MAX_PATH_BYTES
 
+from .conftest import deep_chain
 from .test_server_rows import (
     Stalling,
     archive,
@@ -45,23 +46,6 @@ NOBODY = 65534
 
 
 # -- a tree deeper than the recursion limit, walked without recursion -------
-
-
-def deep_chain(top: Path, levels: int, leaf: bytes = b"leaf") -> None:
-    """``top/d/d/.../d/leaf``, ``levels`` directories deep, made with one fd
-    at a time (a path this deep is near PATH_MAX)."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(levels):
-            os.mkdir("d", dir_fd=fd)
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        out = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(out, leaf)
-        os.close(out)
-    finally:
-        os.close(fd)
 
 
 def snapshot(top: Path) -> dict[str, tuple[int, int, int, bytes]]:

@@ -111,7 +111,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         self._scopes: set[trio.CancelScope] = set()
         self._ended = False
         self._closed = False
-        self._token = trio.lowlevel.current_trio_token()
         #: Called with each new protocol once its connection is made (the
         #: bridge tunes HTTP/2 settings there).
         self.on_connection: Callable[[asyncio.BaseProtocol], None] | None = None
@@ -177,17 +176,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         context = contextvars.copy_context() if context is None else context
         handle = asyncio.Handle(callback, args, self, context)
         self._schedule((handle, callback, args, context))
-        return handle
-
-    def call_soon_threadsafe(  # type: ignore[override]
-        self,
-        callback: Callable[..., object],
-        *args: Any,
-        context: contextvars.Context | None = None,
-    ) -> asyncio.Handle:
-        context = contextvars.copy_context() if context is None else context
-        handle = asyncio.Handle(callback, args, self, context)
-        self._token.run_sync_soon(self._schedule, (handle, callback, args, context))
         return handle
 
     def call_at(  # type: ignore[override]
