@@ -4,10 +4,12 @@ import asyncio
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,31 @@ async def server(root: Path, sock_dir: Path) -> AsyncIterator[str]:
         target: str = await nursery.start(boxfiles.serve_files, root, f"unix:{sock_dir}/files.sock")
         yield target
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def started_process(
+    argv: list[str], *, prompt: float, env: dict[str, str] | None = None
+) -> AsyncIterator[trio.Process]:
+    """``argv`` as a process, once it has printed "serving" on stderr or
+    stdout (whichever it uses: both are read); killed and waited for on exit."""
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        assert process.stdout is not None
+        seen = b""
+        with trio.fail_after(prompt):
+            while b"serving" not in seen:
+                data = await process.stdout.receive_some()
+                assert data, f"the process ended before serving: {seen.decode()}"
+                seen += data
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 def deep_chain(top: Path, levels: int, leaf: bytes = b"leaf", *, name: str = "leaf") -> None:

@@ -30,6 +30,7 @@ from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChun
 from boxfiles._wire import SIZE_HINT_KEY
 
 from . import sink
+from .conftest import started_process
 from .rig import Record, scripted_server
 from .sink import start_grpcio_server
 
@@ -70,35 +71,10 @@ def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
 @asynccontextmanager
 async def serve_process(root: Path, sock: Path, *extra: str) -> AsyncIterator[trio.Process]:
     """``boxfiles serve`` as a subprocess, up and listening."""
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "boxfiles",
-            "serve",
-            "--root",
-            str(root),
-            "--listen",
-            f"unix:{sock}",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
-    try:
-        assert process.stderr is not None
-        seen = b""
-        with trio.fail_after(PROMPT):
-            while b"serving" not in seen:
-                data = await process.stderr.receive_some()
-                assert data, seen.decode()
-                seen += data
+    argv = [sys.executable, "-m", "boxfiles", "serve", "--root", str(root)]
+    argv += ["--listen", f"unix:{sock}", *extra]
+    async with started_process(argv, prompt=PROMPT, env=clean_env()) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from boxfiles._confine import MAX_FDS, STAGING_PREFIX, locate, remove_tree
 from boxfiles._server import sweep_stale_staging
 from boxfiles._wire import MAX_PATH_BYTES
 
-from .conftest import deep_chain
+from .conftest import deep_chain, started_process
 from .test_server_rows import (
     Stalling,
     archive,
@@ -192,32 +192,10 @@ async def server_process(
     """The reference server in a process of its own, up and listening:
     ``fds`` more descriptors allowed than it has open once started; run as
     ``uid`` when given."""
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-c",
-            SERVER,
-            str(root),
-            f"unix:{sock}",
-            "" if fds is None else str(fds),
-            "" if uid is None else str(uid),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        seen = b""
-        with trio.fail_after(PROMPT):
-            while b"serving" not in seen:
-                data = await process.stdout.receive_some()
-                assert data, "the server process ended before serving"
-                seen += data
+    argv = [sys.executable, "-c", SERVER, str(root), f"unix:{sock}"]
+    argv += ["" if fds is None else str(fds), "" if uid is None else str(uid)]
+    async with started_process(argv, prompt=PROMPT) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def test_descriptors_are_bounded_whatever_the_depth(deep_root: Path, sock_dir: Path) -> None:
