@@ -37,9 +37,9 @@ from typing import Any
 def _load_messages() -> Any:
     """boxfiles' generated messages, loaded WITHOUT importing boxfiles.
 
-    Importing boxfiles imports trio_asyncio, which replaces asyncio's event
-    loop policy process-wide: asyncio.run() would then run on trio-asyncio's
-    SyncTrioEventLoop, and the "plain asyncio" peers would not be plain.
+    The "plain" peers' processes hold nothing of boxfiles but its message
+    classes, so nothing of boxfiles' own (its asyncio edge included) can
+    make them less plain.
     """
     spec = importlib.util.find_spec("boxfiles")  # finds, does not import
     assert spec is not None
