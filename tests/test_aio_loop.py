@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import weakref
 
 import pytest
 import trio
+import trio.lowlevel
 
-from boxfiles._aio._loop import _BATCH, open_loop
+from boxfiles._aio._loop import _BATCH, MAX_UNSENT, open_loop
 
 
 async def test_timers_run_in_order_and_cancelled_ones_do_not_pile_up() -> None:
@@ -103,3 +105,23 @@ async def test_a_cancelled_timer_lets_go_of_what_its_callback_reaches() -> None:
         del payload
         gc.collect()
         assert alive() is None
+
+
+async def test_a_peer_that_reads_nothing_is_dropped_past_the_unsent_bound() -> None:
+    lost: list[BaseException | None] = []
+
+    class Protocol(asyncio.Protocol):
+        def connection_lost(self, exc: BaseException | None) -> None:
+            lost.append(exc)
+
+    ours, theirs = socket.socketpair()
+    with theirs:
+        async with open_loop() as loop:
+            transport, _ = loop._connect(ours, Protocol)
+            with trio.fail_after(5):
+                while not lost:
+                    transport.write(b"x" * 65536)  # the peer never reads
+                    await trio.lowlevel.checkpoint()
+            assert transport.get_write_buffer_size() == 0
+            assert isinstance(lost[0], ConnectionError)
+            assert str(MAX_UNSENT) in str(lost[0])

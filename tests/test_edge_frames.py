@@ -23,7 +23,7 @@ import trio
 import boxfiles
 from boxfiles._aio import MAX_MESSAGE_BYTES
 from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
-from boxfiles._wire import UPLOAD
+from boxfiles._wire import DOWNLOAD, UPLOAD
 
 from .conftest import BytesReader
 from .h2peer import GRPC_HEADERS, Peer, framed, h2_server
@@ -188,11 +188,11 @@ async def test_client_refuses_an_oversized_message(sock_dir: Path, tmp_path: Pat
     assert not (tmp_path / "out.tar").exists()
 
 
-async def test_server_refuses_an_oversized_message(server: str, root: Path) -> None:
-    # A raw client: one UploadChunk declaring 384 MiB, of which a little is sent.
-    path = server.removeprefix("unix:")
+async def raw_call_status(server: str, path: str, body: bytes) -> int:
+    """One call from a raw h2 client sending ``body`` as its request; the
+    grpc-status it gets back."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.connect(path)
+    await sock.connect(server.removeprefix("unix:"))
     with sock:
         peer = Peer(sock, h2.connection.H2Connection(h2.config.H2Configuration(client_side=True)))
         peer.h2.initiate_connection()
@@ -202,14 +202,13 @@ async def test_server_refuses_an_oversized_message(server: str, root: Path) -> N
             [
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", UPLOAD.path),
+                (":path", path),
                 (":authority", "localhost"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
             ],
         )
-        first = UploadChunk(dest_path="/d", data=b"x" * 1000).SerializeToString()
-        peer.h2.send_data(sid, framed(first, declared=384 * MiB))
+        peer.h2.send_data(sid, body)
         await peer.flush()
         with trio.fail_after(PROMPT):
             while True:
@@ -217,9 +216,21 @@ async def test_server_refuses_an_oversized_message(server: str, root: Path) -> N
                 if isinstance(event, (h2.events.TrailersReceived, h2.events.ResponseReceived)):
                     status = dict(event.headers or []).get(b"grpc-status")
                     if status is not None:
-                        break
-    assert int(status) == boxfiles.Status.RESOURCE_EXHAUSTED
+                        return int(status)
+
+
+async def test_server_refuses_an_oversized_message(server: str, root: Path) -> None:
+    # One UploadChunk declaring 384 MiB, of which a little is sent.
+    first = UploadChunk(dest_path="/d", data=b"x" * 1000).SerializeToString()
+    status = await raw_call_status(server, UPLOAD.path, framed(first, declared=384 * MiB))
+    assert status == boxfiles.Status.RESOURCE_EXHAUSTED
     assert list(root.iterdir()) == []
+
+
+async def test_server_refuses_a_malformed_request(server: str) -> None:
+    # Field 1 (src_path) declared 100 bytes long, with 1 byte after it.
+    status = await raw_call_status(server, DOWNLOAD.path, framed(b"\x0a\x64x"))
+    assert status == boxfiles.Status.INVALID_ARGUMENT
 
 
 async def test_a_client_gone_mid_download_costs_one_line(

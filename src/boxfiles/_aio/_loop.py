@@ -49,6 +49,12 @@ READ_SIZE = 256 * 1024
 #: resumes at a quarter of it.
 WRITE_BUFFER_HIGH = 256 * 1024
 
+#: Unsent bytes past which a connection is dropped. Senders stop at
+#: WRITE_BUFFER_HIGH (over it by one frame at most); only replies HTTP/2
+#: makes unasked (PING and SETTINGS acks, window updates), to a peer that
+#: sends frames and reads none of ours, could grow the buffer further.
+MAX_UNSENT = 16 * WRITE_BUFFER_HIGH
+
 #: Kernel send buffer asked for on a unix socket (Linux's default is about
 #: 208 KiB, less than one chunk). With room for a whole chunk the sender
 #: writes straight to the socket instead of waking for every few frames the
@@ -595,6 +601,9 @@ class SocketTransport(asyncio.Transport):
                 return
             data = memoryview(data)[sent:]
         self._buffer += data  # the unsent tail: the caller may reuse its buffer
+        if len(self._buffer) > MAX_UNSENT:
+            self._fail(ConnectionError(f"the peer reads nothing: over {MAX_UNSENT} bytes unsent"))
+            return
         if self._writer is not None:
             task, self._writer = self._writer, None
             trio.lowlevel.reschedule(task)

@@ -11,9 +11,9 @@ import grpclib.const
 import grpclib.exceptions
 import grpclib.server
 import trio
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from .._errors import FilesError, RemoteError, ResourceExhausted
+from .._errors import FilesError, InvalidArgument, RemoteError, ResourceExhausted
 from .._supervise import one_error
 from . import _frames, _internals
 from ._edge import Method, run
@@ -84,7 +84,10 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         if body is None:
             return None
         message = self._request_type()
-        message.ParseFromString(body)
+        try:
+            message.ParseFromString(body)
+        except DecodeError as err:
+            raise InvalidArgument(f"malformed {message.DESCRIPTOR.name}: {err}") from err
         return message
 
     async def recv_encoded(self) -> bytes | None:
