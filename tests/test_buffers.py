@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from boxfiles._local import POOL_SIZE, BufferPool, UploadBuffers
+from boxfiles._client._local import POOL_SIZE, BufferPool, UploadBuffers
 
 SIZE = 1024
 

@@ -17,7 +17,7 @@ import trio
 
 from boxfiles import _demo
 from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, main
-from boxfiles._progress import format_bytes
+from boxfiles._client._progress import format_bytes
 
 from .test_cli import clean_env, one_line_error
 

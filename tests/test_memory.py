@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._local import CLIENT_POOL_SIZE, POOL_SIZE
+from boxfiles._client._local import CLIENT_POOL_SIZE, POOL_SIZE
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import boxfiles
 from boxfiles._aio import Channel, ClientCall, open_channel
 from boxfiles._cli import EXIT_USAGE
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
-from boxfiles._server import MAX_TRANSFERS
+from boxfiles._server._service import MAX_TRANSFERS
 from boxfiles._target import parse_target
 from boxfiles._wire import DOWNLOAD, UPLOAD
 
@@ -55,7 +55,7 @@ def one_header(dest: str, *, overwrite: bool = False) -> bytes:
 def parked_server_threads() -> int:
     """Worker threads running the server's blocking work right now (trio
     names a busy worker after the function and the task that started it)."""
-    return sum(" from boxfiles._server." in t.name for t in threading.enumerate())
+    return sum(" from boxfiles._server._service." in t.name for t in threading.enumerate())
 
 
 async def wait_parked(count: int) -> None:

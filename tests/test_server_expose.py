@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._confine import STAGING_PREFIX
+from boxfiles._server._confine import STAGING_PREFIX
 
 from .test_server_rows import contents, download, files, serving, upload
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 import boxfiles
-from boxfiles._pack import MEASURE_ENTRIES
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from boxfiles._server._pack import MEASURE_ENTRIES
 from boxfiles._wire import SIZE_HINT_KEY, size_hint
 
 from .sink import start_grpcio_server

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from ._client import open_client
+from ._client._client import open_client
+from ._client._local import describe_oserror
+from ._client._progress import format_bytes
 from ._errors import (
     FilesError,
     LocalIOError,
@@ -24,9 +26,7 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
-from ._local import describe_oserror
-from ._progress import format_bytes
-from ._server import IDLE_TIMEOUT, MAX_TRANSFERS
+from ._server._service import IDLE_TIMEOUT, MAX_TRANSFERS
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
@@ -260,7 +260,7 @@ async def _until_signal(body: Callable[[], Awaitable[None]]) -> _Interrupt:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server import serve_files
+    from ._server._service import serve_files
 
     logging.basicConfig(
         level=logging.INFO,

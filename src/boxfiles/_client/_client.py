@@ -17,23 +17,12 @@ from typing import Literal, final
 
 import trio
 
-from . import _copy
-from ._aio import Channel, ClientCall, open_channel
-from ._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
-from ._local import (
-    BufferPool,
-    ChunkReader,
-    ChunkWriter,
-    Destination,
-    Source,
-    open_destination,
-    open_source,
-)
-from ._progress import Meter, Progress, check_progress, metered_reader, metered_writer
-from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from ._supervise import supervise
-from ._target import parse_target
-from ._wire import (
+from .._aio import Channel, ClientCall, open_channel
+from .._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
+from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from .._supervise import supervise
+from .._target import parse_target
+from .._wire import (
     CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD,
@@ -47,6 +36,17 @@ from ._wire import (
     first_upload_chunk,
     size_hint,
 )
+from . import _copy
+from ._local import (
+    BufferPool,
+    ChunkReader,
+    ChunkWriter,
+    Destination,
+    Source,
+    open_destination,
+    open_source,
+)
+from ._progress import Meter, Progress, check_progress, metered_reader, metered_writer
 
 
 @final

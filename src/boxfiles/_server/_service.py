@@ -4,7 +4,7 @@ An upload is extracted, while it is still arriving, into a hidden staging
 directory on its destination's filesystem, then moved into place under a
 per-container lock; whatever goes wrong, the staging is removed and the tree
 is left as it was. A download is packed on the fly. Every path is resolved
-inside the container root (see :mod:`boxfiles._confine`).
+inside the container root (see :mod:`boxfiles._server._confine`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,33 @@ from typing import Any, NoReturn, TypeVar, final
 
 import trio
 
+from .._aio import Handler, Method, ServerCall, serve
+from .._errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RemoteError,
+    ResourceExhausted,
+)
+from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from .._supervise import one_error, supervise
+from .._tar._stream import ChunkStream
+from .._target import TcpTarget, UnixTarget, parse_target
+from .._wire import (
+    CHANNEL_CAPACITY,
+    DEFAULT_CHUNK_SIZE,
+    DOWNLOAD,
+    MAX_PATH_BYTES,
+    SIZE_HINT_KEY,
+    UPLOAD,
+    check_chunk_size,
+    decode_upload_chunk,
+)
 from . import _pack
-from ._aio import Handler, Method, ServerCall, serve
 from ._confine import (
     DIR_FLAGS,
     STAGING_PREFIX,
@@ -39,32 +64,7 @@ from ._confine import (
     remove_tree,
     restore_times,
 )
-from ._errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    RemoteError,
-    ResourceExhausted,
-)
 from ._extract import Placement, Staged, extract
-from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from ._supervise import one_error, supervise
-from ._target import TcpTarget, UnixTarget, parse_target
-from ._tarstream import ChunkStream
-from ._wire import (
-    CHANNEL_CAPACITY,
-    DEFAULT_CHUNK_SIZE,
-    DOWNLOAD,
-    MAX_PATH_BYTES,
-    SIZE_HINT_KEY,
-    UPLOAD,
-    check_chunk_size,
-    decode_upload_chunk,
-)
 
 log = logging.getLogger("boxfiles.server")
 

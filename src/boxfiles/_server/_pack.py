@@ -16,9 +16,9 @@ from typing import final
 
 import trio
 
+from .._errors import Internal, NotFound, Status
+from .._tar._paxtime import set_mtime_ns
 from ._confine import DIR_FLAGS, STAGING_PREFIX, Located, TreeWalk, components, locate
-from ._errors import Internal, NotFound, Status
-from ._paxtime import set_mtime_ns
 
 #: Bytes read from a file at a time.
 READ_SIZE = 1024 * 1024
@@ -69,7 +69,7 @@ class PackPlan:
 
 
 def plan(root_fd: int, src_path: str, *, include_parent: bool, follow_symlinks: bool) -> PackPlan:
-    """Resolve ``src_path`` inside the root (see :func:`boxfiles._confine.locate`).
+    """Resolve ``src_path`` inside the root (see :func:`boxfiles._server._confine.locate`).
 
     A trailing ``/.`` packs a directory's contents at ``./``; so does a
     directory with ``include_parent`` false. ``follow_symlinks`` applies to

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import final
 
+from .._errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .._tar._paxtime import mtime_ns
+from .._tar._stream import ChunkStream, next_member, open_archive, write_member
 from ._confine import (
     DIR_FLAGS,
     DirCursor,
@@ -31,9 +34,6 @@ from ._confine import (
     remove_tree,
     restore_times,
 )
-from ._errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from ._paxtime import mtime_ns
-from ._tarstream import ChunkStream, next_member, open_archive, write_member
 
 #: Permission bits kept from an archive: setuid and setgid are dropped, as an
 #: upload must not mint set-id executables owned by the server's user. The

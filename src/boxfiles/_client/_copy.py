@@ -31,15 +31,13 @@ from typing import TYPE_CHECKING, final
 
 import trio
 
-from ._confine import DIR_FLAGS
-from ._errors import FailedPrecondition, IncompleteTransfer, LocalIOError, UnsafeArchive
-from ._extract import MODE_MASK, Journal
-from ._local import ChunkReader, UploadBuffers, describe_oserror
-from ._paxtime import mtime_ns, set_mtime_ns
-from ._progress import Meter, Progress, check_progress
-from ._supervise import supervise
-from ._tarstream import ChunkStream, CorruptArchive, next_member, open_archive, write_member
-from ._wire import (
+from .._errors import FailedPrecondition, IncompleteTransfer, LocalIOError, UnsafeArchive
+from .._server._confine import DIR_FLAGS
+from .._server._extract import MODE_MASK, Journal
+from .._supervise import supervise
+from .._tar._paxtime import mtime_ns, set_mtime_ns
+from .._tar._stream import ChunkStream, CorruptArchive, next_member, open_archive, write_member
+from .._wire import (
     DEFAULT_CHUNK_SIZE,
     HEADER_ROOM,
     Chunk,
@@ -47,6 +45,8 @@ from ._wire import (
     check_path,
     first_upload_chunk,
 )
+from ._local import ChunkReader, UploadBuffers, describe_oserror
+from ._progress import Meter, Progress, check_progress
 
 if TYPE_CHECKING:
     from ._client import FilesClient

@@ -22,8 +22,8 @@ from typing import Protocol, cast, final, runtime_checkable
 
 import trio
 
-from ._errors import FilesError, LocalIOError
-from ._wire import CHANNEL_CAPACITY, HEADER_ROOM, Chunk
+from .._errors import FilesError, LocalIOError
+from .._wire import CHANNEL_CAPACITY, HEADER_ROOM, Chunk
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, final
 
-from ._errors import InvalidArgument, NotFound
+from .._errors import InvalidArgument, NotFound
 
 #: Flags for opening a directory during a walk; O_NOFOLLOW makes a component
 #: swapped for a symlink after it was checked fail instead of being followed.

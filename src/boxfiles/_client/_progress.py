@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import trio
 
+from .._wire import Chunk
 from ._local import ChunkReader, ChunkWriter, Source
-from ._wire import Chunk
 
 #: ``progress(bytes_so_far, total_or_None)``; its return value is ignored.
 Progress = Callable[[int, "int | None"], object]
