@@ -21,7 +21,8 @@ import trio
 
 import boxfiles
 from boxfiles._aio import ServerCall
-from boxfiles._client._copy import MAX_PLACE_FDS, _remove_tree
+from boxfiles._client._place import MAX_PLACE_FDS
+from boxfiles._fs import remove_tree
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles._wire import DEFAULT_CHUNK_SIZE
 from boxfiles.testing import open_fault_server
@@ -259,7 +260,7 @@ def deep_cleanup(tmp_path: Path) -> Iterator[Path]:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name in os.listdir(fd):
-            _remove_tree(fd, name)
+            remove_tree(fd, name)
     finally:
         os.close(fd)
 
@@ -312,7 +313,7 @@ async def test_copy_in_of_a_deep_tree(sock_dir: Path, deep_cleanup: Path) -> Non
 _FD_BOUND_CHILD = """
 import os, resource, sys, trio, boxfiles
 from pathlib import Path
-from boxfiles._client._copy import MAX_PLACE_FDS
+from boxfiles._client._place import MAX_PLACE_FDS
 target, work, depth = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 
 async def main():

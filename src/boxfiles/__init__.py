@@ -25,4 +25,39 @@ from ._wire import CHANNEL_CAPACITY as CHANNEL_CAPACITY
 from ._wire import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
 from ._wire import MAX_CHUNK_SIZE as MAX_CHUNK_SIZE
 
+__all__ = [
+    "CHANNEL_CAPACITY",
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "AlreadyExists",
+    "AsyncReader",
+    "AsyncWriter",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FilesClient",
+    "FilesError",
+    "IncompleteTransfer",
+    "Internal",
+    "InvalidArgument",
+    "LocalIOError",
+    "NotFound",
+    "PermissionDenied",
+    "RemoteError",
+    "ResourceExhausted",
+    "Status",
+    "Unavailable",
+    "UnsafeArchive",
+    "UploadRejected",
+    "open_client",
+    "serve_files",
+]
+
+# Tracebacks and reprs name the public module, not the private one that
+# defines a name (as trio and httpcore do).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("boxfiles."):
+        _obj.__module__ = "boxfiles"
+del _name, _obj
+
 __version__ = "0.1.0"

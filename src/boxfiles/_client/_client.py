@@ -1,56 +1,47 @@
-"""The public client: open_client() and FilesClient.
-
-Every transfer has the same shape: one nursery runs the local side (a reader
-or a writer) and the gRPC side, joined by a memory channel of
-CHANNEL_CAPACITY chunks. The nursery's cancel scope aborts the healthy side
-when the other fails, and :func:`boxfiles._supervise.supervise` raises the one
-error the caller sees.
-"""
+"""The public client: open_client() and FilesClient, a facade over the
+calls in :mod:`._transfer` and the copies in :mod:`._copy_in` and :mod:`._copy_out`."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Literal, final
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn, TypeVar, final
 
-import trio
-
-from .._aio import Channel, ClientCall, open_channel
-from .._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
-from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from .._supervise import supervise
+from .._aio import open_channel
 from .._target import parse_target
 from .._wire import (
-    CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
-    DOWNLOAD,
-    UPLOAD,
-    Chunk,
     check_chunk_size,
     check_container_id,
     check_path,
-    decode_download_chunk,
-    encode_metadata_only,
     first_upload_chunk,
-    size_hint,
 )
-from . import _copy
-from ._local import (
-    BufferPool,
-    ChunkReader,
-    ChunkWriter,
-    Destination,
-    Source,
-    open_destination,
-    open_source,
-)
-from ._progress import Meter, Progress, check_progress, metered_reader, metered_writer
+from . import _copy_in, _copy_out
+from ._local import Destination, Source, open_source
+from ._progress import Meter, Progress, check_progress, metered_reader
+from ._transfer import Calls
+
+T = TypeVar("T")
+
+
+class _NoPublicConstructor(type):
+    """Calling the class raises TypeError: instances come from the library
+    (``cls._create``), as trio does for the objects it hands out."""
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} has no public constructor; "
+            "use boxfiles.open_client()"
+        )
+
+    def _create(cls: type[T], *args: object, **kwargs: object) -> T:
+        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
 
 @final
-class FilesClient:
+class FilesClient(metaclass=_NoPublicConstructor):
     """A connection to a ``boxlite.v1.Files`` server. Made by :func:`open_client`.
 
     Calls may run concurrently from several tasks; each is one HTTP/2 stream
@@ -60,23 +51,8 @@ class FilesClient:
     grows by one chunk per upload, not six.
     """
 
-    def __init__(self, channel: Channel, timeout: float | None) -> None:
-        self._channel = channel
-        self._timeout = timeout
-        self._buffers = BufferPool()
-
-    @contextmanager
-    def _deadline(self) -> Iterator[None]:
-        if self._timeout is None:
-            yield
-            return
-        try:
-            with trio.fail_after(self._timeout):
-                yield
-        except trio.TooSlowError as exc:
-            raise DeadlineExceeded(
-                f"call took longer than the client timeout of {self._timeout}s"
-            ) from exc
+    def __init__(self, calls: Calls) -> None:
+        self._calls = calls
 
     async def upload_tar(
         self,
@@ -139,15 +115,9 @@ class FilesClient:
         )
         check_chunk_size(chunk_size)
         check_progress(progress)
-        with self._deadline():
-            async with open_source(source, chunk_size, self._buffers) as reader:
-                await self._upload_from(await metered_reader(reader, progress, source), first)
-
-    async def _upload_from(self, reader: ChunkReader, first: UploadChunk) -> None:
-        """upload_tar's transfer, from any chunk reader (copy_in's packer too);
-        its errors and cancellation as upload_tar's, but no client deadline."""
-        async with self._channel.open_call(UPLOAD, grpc_timeout=self._timeout) as call:
-            await _upload(call, reader, first)
+        with self._calls.deadline():
+            async with open_source(source, chunk_size, self._calls.buffers) as reader:
+                await self._calls.upload(await metered_reader(reader, progress, source), first)
 
     async def download_tar(
         self,
@@ -195,7 +165,7 @@ class FilesClient:
         raises DeadlineExceeded.
         """
         meter = Meter(check_progress(progress), None)
-        source_is_dir = await self._download_into(
+        source_is_dir = await self._calls.download(
             src_path,
             dest,
             meter,
@@ -205,62 +175,6 @@ class FilesClient:
         )
         meter.finish()
         return source_is_dir
-
-    async def _download_into(
-        self,
-        src_path: str,
-        dest: Destination,
-        meter: Meter,
-        *,
-        container_id: str | None,
-        include_parent: bool,
-        follow_symlinks: bool,
-    ) -> bool | None:
-        """download_tar's transfer, counting into ``meter`` (copy_out's too)
-        and giving it the server's size hint as its total; no final report."""
-        request = DownloadRequest(
-            src_path=check_path(src_path, "src_path"),
-            container_id=check_container_id(container_id),
-            include_parent=bool(include_parent),
-            follow_symlinks=bool(follow_symlinks),
-        )
-        with self._deadline():
-            async with open_destination(dest) as writer:
-                async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
-                    return await _download(call, request, metered_writer(writer, meter), meter)
-
-    async def _remote_kind(
-        self, path: str, *, container_id: str | None
-    ) -> Literal["dir", "file", "missing", "unknown"]:
-        """What ``path`` is in the box, learnt from the first chunk of a
-        download that is then reset (it costs at most a chunk of packing).
-        "unknown" when the server does not say (a legacy peer, or one that
-        refuses the download)."""
-        # Followed, as the server resolves an upload's dest_path.
-        request = DownloadRequest(
-            src_path=path, container_id=check_container_id(container_id), follow_symlinks=True
-        )
-        kind: Literal["dir", "file", "missing", "unknown"] = "missing"
-        with self._deadline(), trio.CancelScope() as done:
-            try:
-                async with self._channel.open_call(DOWNLOAD, grpc_timeout=self._timeout) as call:
-                    await call.send(request, end=True)
-                    body = await call.recv_encoded()
-                    if body is not None:
-                        try:
-                            is_dir = decode_download_chunk(body)[1]
-                        except ValueError as err:
-                            raise IncompleteTransfer(f"malformed DownloadChunk: {err}") from err
-                        kind = "unknown" if is_dir is None else "dir" if is_dir else "file"
-                    # Leaving by cancellation resets the stream: the rest of
-                    # the archive is not wanted.
-                    done.cancel()
-                    await trio.lowlevel.checkpoint()
-            except NotFound:
-                kind = "missing"
-            except RemoteError:
-                kind = "unknown"  # a server that will not say (refuses downloads, say)
-        return kind
 
     async def copy_in(
         self,
@@ -319,9 +233,9 @@ class FilesClient:
         packing thread stops at its next chunk (a blocking read of one local
         file cannot be interrupted).
         """
-        with self._deadline():
-            await _copy.copy_in(
-                self,
+        with self._calls.deadline():
+            await _copy_in.copy_in(
+                self._calls,
                 src,
                 dest_path,
                 container_id=container_id,
@@ -392,9 +306,9 @@ class FilesClient:
         into an existing directory is not atomic: a failure there (rare, a
         permission error say) can leave part of the tree merged.
         """
-        with self._deadline():
-            await _copy.copy_out(
-                self,
+        with self._calls.deadline():
+            await _copy_out.copy_out(
+                self._calls,
                 src_path,
                 dest,
                 container_id=container_id,
@@ -403,115 +317,11 @@ class FilesClient:
             )
 
 
-async def _upload(
-    call: ClientCall[UploadChunk, UploadResponse], reader: ChunkReader, first: UploadChunk
-) -> None:
-    send_chunks, receive_chunks = trio.open_memory_channel[Chunk](CHANNEL_CAPACITY)
-    all_sent = trio.Event()
-
-    async def read() -> None:
-        while (chunk := await reader.read_chunk()).size:
-            try:
-                await send_chunks.send(chunk)
-            except trio.BrokenResourceError:
-                return  # the sender failed; its error explains why
-        # Closing is the only end-of-data signal: a failed reader leaves the
-        # channel open, so the sender is cancelled rather than ending the
-        # stream as if the archive were complete.
-        send_chunks.close()
-
-    async def send() -> None:
-        pending: UploadChunk | None = first
-        async with receive_chunks:
-            async for chunk in receive_chunks:
-                # Whatever else is already queued goes in the same crossing
-                # into asyncio, which costs more than a chunk's copying.
-                batch = [chunk]
-                while len(batch) < CHANNEL_CAPACITY:
-                    try:
-                        batch.append(receive_chunks.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                # The metadata rides on the first chunk only.
-                pieces = [
-                    piece
-                    for i, c in enumerate(batch)
-                    for piece in c.framed(pending if i == 0 else None)
-                ]
-                await call.send_encoded(*pieces)
-                for sent in batch:
-                    sent.release()
-                pending = None
-        if pending is not None:  # empty source: one chunk, metadata only
-            await call.send_encoded(encode_metadata_only(pending))
-        await call.end()
-        all_sent.set()
-
-    async def receive() -> None:
-        # Listening from the start means a status the server sends early
-        # (a rejection after the first chunk, say) aborts the transfer at
-        # once, even while the reader is stalled.
-        response = await call.recv()
-        if response is None:
-            call.raise_for_status()
-            raise IncompleteTransfer("the server ended the upload without a response")
-        if not response.success:
-            raise UploadRejected(response.error or "upload failed")
-        await call.finish()
-        if not all_sent.is_set():
-            # A complete OK answer before the request was: the server has all
-            # it wants (RFC 9113 §8.1), and what is left unread is moot.
-            answered.cancel()
-
-    with trio.CancelScope() as answered:
-        await supervise(read, send, receive)
-
-
-async def _download(
-    call: ClientCall[DownloadRequest, DownloadChunk],
-    request: DownloadRequest,
-    writer: ChunkWriter,
-    meter: Meter,
-) -> bool | None:
-    send_chunks, receive_chunks = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
-    source_is_dir: bool | None = None
-
-    async def receive() -> None:
-        nonlocal source_is_dir
-        await call.send(request, end=True)
-        first = True
-        while (body := await call.recv_encoded()) is not None:
-            try:
-                data, flag = decode_download_chunk(body)
-            except ValueError as err:
-                raise IncompleteTransfer(f"malformed DownloadChunk from the server: {err}") from err
-            if first:
-                first = False
-                source_is_dir = flag
-                # Headers come before the first message, so the hint is known now.
-                meter.total = size_hint(call.initial_metadata())
-            if data:
-                try:
-                    await send_chunks.send(data)
-                except trio.BrokenResourceError:
-                    return  # the writer failed; its error explains why
-        await call.finish()
-        send_chunks.close()  # only after an OK status: see _upload.read
-
-    async def write() -> None:
-        async with receive_chunks:
-            async for data in receive_chunks:
-                await writer.write(data)
-
-    await supervise(receive, write)
-    return source_is_dir
-
-
 @asynccontextmanager
 async def open_client(
     target: str | os.PathLike[str],
     *,
-    timeout: float | None = None,  # noqa: ASYNC109 -- each call's deadline, not this one's
+    timeout: float | None = None,
 ) -> AsyncIterator[FilesClient]:
     """Connect to a Files server; the connection closes when the block ends.
 
@@ -536,4 +346,4 @@ async def open_client(
     if timeout is not None and math.isinf(timeout):
         timeout = None
     async with open_channel(parsed) as channel:
-        yield FilesClient(channel, timeout)
+        yield FilesClient._create(Calls(channel, timeout))

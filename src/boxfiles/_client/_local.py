@@ -56,6 +56,24 @@ def describe_oserror(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def local_error(
+    err: OSError, path: str | os.PathLike[str], what: str = "cannot read"
+) -> LocalIOError:
+    """``err`` as the LocalIOError that names the local path it concerns."""
+    name = err.filename if isinstance(err.filename, str) else os.fspath(path)
+    return LocalIOError(f"{what} {name}: {describe_oserror(err)}")
+
+
+def local_path(value: object, what: str) -> str:
+    """A local path argument as a str; TypeError/ValueError naming it."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path, not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what} must be a non-empty str path")
+    return text
+
+
 @final
 class ChunkReader:
     """Reads a source in chunks of at most ``chunk_size`` bytes."""

@@ -13,25 +13,21 @@ import errno
 import os
 import stat
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import final
 
 from .._errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .._fs import DIR_FLAGS, DirCursor, Journal, TreeWalk, remove_tree
 from .._tar._paxtime import mtime_ns
 from .._tar._stream import ChunkStream, next_member, open_archive, write_member
 from ._confine import (
-    DIR_FLAGS,
-    DirCursor,
     Located,
-    TreeWalk,
     check_name,
     components,
     locate,
     locked_staging,
     make_dir,
     mount_of,
-    remove_tree,
     restore_times,
 )
 
@@ -298,28 +294,6 @@ def _extract_member(
             os.close(source)
     else:
         raise InvalidArgument(f"archive entry {name} has an unsupported type {member.type!r}")
-
-
-@final
-class Journal:
-    """Undo steps for placement, run in reverse when placement fails."""
-
-    def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
-
-    def did(self, undo: Callable[[], None]) -> None:
-        self._undo.append(undo)
-
-    def roll_back(self) -> None:
-        errors: list[OSError] = []
-        for undo in reversed(self._undo):
-            try:
-                undo()
-            except OSError as err:  # keep undoing the rest
-                errors.append(err)
-        self._undo.clear()
-        if errors:
-            raise errors[0]
 
 
 #: Where a placed directory is: ``path`` (names) below the directory ``base``.

@@ -17,8 +17,9 @@ from typing import final
 import trio
 
 from .._errors import Internal, NotFound, Status
+from .._fs import DIR_FLAGS, TreeWalk
 from .._tar._paxtime import set_mtime_ns
-from ._confine import DIR_FLAGS, STAGING_PREFIX, Located, TreeWalk, components, locate
+from ._confine import STAGING_PREFIX, Located, components, locate
 
 #: Bytes read from a file at a time.
 READ_SIZE = 1024 * 1024

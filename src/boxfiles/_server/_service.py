@@ -37,6 +37,7 @@ from .._errors import (
     RemoteError,
     ResourceExhausted,
 )
+from .._fs import DIR_FLAGS, TreeWalk, remove_tree
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._supervise import one_error, supervise
 from .._tar._stream import ChunkStream
@@ -53,15 +54,12 @@ from .._wire import (
 )
 from . import _pack
 from ._confine import (
-    DIR_FLAGS,
     STAGING_PREFIX,
-    TreeWalk,
     check_name,
     components,
     locate,
     locked_staging,
     make_dir,
-    remove_tree,
     restore_times,
 )
 from ._extract import Placement, Staged, extract

@@ -16,3 +16,26 @@ from ._faults import Stall as Stall
 from ._faults import open_fault_server as open_fault_server
 from ._plugin import FilesServer as FilesServer
 from ._plugin import short_socket_dir as short_socket_dir
+
+__all__ = [
+    "CallRecord",
+    "Corrupt",
+    "DropConnection",
+    "Fault",
+    "FaultServer",
+    "FilesServer",
+    "Reject",
+    "ReplyFailure",
+    "Slow",
+    "Stall",
+    "open_fault_server",
+    "short_socket_dir",
+]
+
+# Tracebacks and reprs name the public module, not the private one that
+# defines a name (as trio and httpcore do).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("boxfiles.testing."):
+        _obj.__module__ = "boxfiles.testing"
+del _name, _obj

@@ -1,0 +1,349 @@
+"""copy_in: a local file or tree into a box, as tar packed on the fly.
+
+The source is packed in a worker thread straight into the upload's pooled
+chunk buffers, handed over a trio channel to the upload_tar transfer: no
+temporary tar file, no whole-tree buffering, no copies but the kernel's.
+Buffers handed between the worker thread and the trio thread are allocated
+and freed in the trio thread (see ``_local`` and docs/contract.md, "What real
+peers do").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import grp
+import os
+import pwd
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import final
+
+import trio
+
+from .._errors import FailedPrecondition, LocalIOError
+from .._supervise import supervise
+from .._tar._paxtime import set_mtime_ns
+from .._wire import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_ROOM,
+    Chunk,
+    check_container_id,
+    check_path,
+    first_upload_chunk,
+)
+from ._local import ChunkReader, UploadBuffers, local_error, local_path
+from ._progress import Meter, Progress, check_progress
+from ._transfer import Calls
+
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"  # non-UTF-8 file names survive the round trip
+
+
+@final
+@dataclass(frozen=True)
+class _PackPlan:
+    path: str  # what to pack (the symlink itself unless follow_symlinks)
+    is_dir: bool
+    follow_top: bool  # stat the top entry through a symlink
+    root: str = "."  # a directory's own name in the archive: "." for its contents
+
+
+def _plan(src: str, follow_symlinks: bool) -> _PackPlan:
+    path = src[:-2] if src.endswith("/.") else src
+    path = path.rstrip("/") or "/"
+    st = os.stat(path) if follow_symlinks else os.lstat(path)
+    return _PackPlan(path, stat.S_ISDIR(st.st_mode), follow_symlinks)
+
+
+@final
+class _Names:
+    """uid/gid to user/group names, looked up once each."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = ""
+        return self._users[uid]
+
+    def group(self, gid: int) -> str:
+        if gid not in self._groups:
+            try:
+                self._groups[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._groups[gid] = ""
+        return self._groups[gid]
+
+
+def _walk(plan: _PackPlan) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, arcname, stat) for every entry, parents before children.
+
+    A directory is packed rooted at ``plan.root``: ``./`` (its contents) or
+    its own name; a file or link by its basename. Only the top entry is followed when follow_symlinks is
+    set (like ``docker cp -L``); links inside a directory stay links.
+    """
+    top = os.stat(plan.path) if plan.follow_top else os.lstat(plan.path)
+    if not stat.S_ISDIR(top.st_mode):
+        yield plan.path, os.path.basename(plan.path) or ".", top
+        return
+    yield plan.path, plan.root, top
+    stack = [(plan.path, plan.root)]
+    while stack:
+        directory, arc = stack.pop()
+        with os.scandir(directory) as entries:
+            children = sorted(entries, key=lambda e: e.name)
+        subdirs = []
+        for entry in children:
+            st = entry.stat(follow_symlinks=False)
+            child_arc = f"{arc}/{entry.name}"
+            yield entry.path, child_arc, st
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append((entry.path, child_arc))
+        stack.extend(reversed(subdirs))
+
+
+def _tarinfo(
+    path: str, arcname: str, st: os.stat_result, names: _Names, inodes: dict[tuple[int, int], str]
+) -> tarfile.TarInfo | None:
+    """The header for one entry; None for a socket (skipped, like GNU tar)."""
+    info = tarfile.TarInfo(arcname)
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in inodes:
+            info.type = tarfile.LNKTYPE
+            info.linkname = inodes[key]
+        else:
+            if st.st_nlink > 1:
+                inodes[key] = arcname
+            info.type = tarfile.REGTYPE
+            info.size = st.st_size
+    elif stat.S_ISDIR(mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(path)
+    elif stat.S_ISSOCK(mode):
+        return None
+    else:
+        # Refused here, though the server's download skips them: no server
+        # accepts one in an upload, so failing now, naming it, beats a
+        # refusal of the whole archive after it was sent.
+        kind = "fifo" if stat.S_ISFIFO(mode) else "device node"
+        raise LocalIOError(f"cannot copy {path}: it is a {kind}")
+    info.mode = stat.S_IMODE(mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname, info.gname = names.user(st.st_uid), names.group(st.st_gid)
+    set_mtime_ns(info, st.st_mtime_ns)
+    return info
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
+
+
+def _padding(size: int, unit: int) -> int:
+    return -size % unit
+
+
+def archive_size(plan: _PackPlan) -> int:
+    """The exact size of the archive :func:`_pack` will produce for ``plan``
+    if the tree does not change meanwhile (stats and headers only)."""
+    names, inodes = _Names(), dict[tuple[int, int], str]()
+    total = 0
+    for path, arcname, st in _walk(plan):
+        info = _tarinfo(path, arcname, st, names, inodes)
+        if info is None:
+            continue
+        total += len(_header(info))
+        if info.type == tarfile.REGTYPE:
+            total += info.size + _padding(info.size, BLOCK)
+    total += 2 * BLOCK
+    return total + _padding(total, RECORD)
+
+
+@final
+class _ChunkSink:
+    """Used from the packing thread: fills the upload's pooled chunk buffers
+    in place and hands each full one on as a Chunk. Buffers are taken, sent
+    and (once sent) given back in the trio thread, so the allocator reuses
+    them, and the archive's bytes are copied only by the kernel's reads."""
+
+    def __init__(
+        self, channel: trio.MemorySendChannel[Chunk], buffers: UploadBuffers, chunk_size: int
+    ) -> None:
+        self._channel = channel
+        self._buffers = buffers
+        self._size = chunk_size
+        self._buffer: bytearray | None = None
+        self._used = 0
+
+    async def _hand_on(self, full: Chunk | None) -> bytearray:
+        if full is not None:
+            await self._channel.send(full)
+        return await self._buffers.take()
+
+    def _room(self) -> memoryview:
+        """The free part of the current buffer; a full one is handed on first."""
+        if self._buffer is None or self._used == self._size:
+            full = None if self._buffer is None else self._chunk()
+            self._buffer = trio.from_thread.run(self._hand_on, full)
+            self._used = 0
+        return memoryview(self._buffer)[HEADER_ROOM + self._used : HEADER_ROOM + self._size]
+
+    def _chunk(self) -> Chunk:
+        assert self._buffer is not None
+        return Chunk(self._buffer, self._used, self._buffers.give_back)
+
+    def flush(self) -> None:
+        """Hand on what the current buffer holds."""
+        if self._used:
+            trio.from_thread.run(self._channel.send, self._chunk())
+            self._buffer, self._used = None, 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            room = self._room()
+            take = min(len(room), len(view))
+            room[:take] = view[:take]
+            self._used += take
+            view = view[take:]
+
+    def copy_from(self, fd: int, size: int, name: str) -> None:
+        """Append exactly ``size`` bytes read from ``fd``, straight into the buffers."""
+        left = size
+        while left:
+            room = self._room()
+            got = os.readv(fd, [room[:left]])
+            if got == 0:
+                # The server pads a shrunk file with zeros (its download has no
+                # way to fail an entry); here the caller can be told, and the
+                # upload is reset before anything is written.
+                raise LocalIOError(f"cannot read {name}: it shrank while being copied")
+            self._used += got
+            left -= got
+
+
+def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
+    """Write the whole archive into ``sink`` (blocking; a worker thread)."""
+    names, inodes = _Names(), dict[tuple[int, int], str]()
+    zeros = bytes(RECORD)
+    total = 0
+    for path, arcname, st in _walk(plan):
+        info = _tarinfo(path, arcname, st, names, inodes)
+        if info is None:
+            continue
+        header = _header(info)
+        sink.write(header)
+        total += len(header)
+        if info.type != tarfile.REGTYPE:
+            continue
+        replaced = LocalIOError(f"cannot read {path}: it was replaced while being copied")
+        try:
+            follow = plan.follow_top and path == plan.path
+            # O_NONBLOCK: a fifo put in the file's place must not hang the open.
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
+        except OSError as err:
+            if err.errno == errno.ELOOP and path != plan.path:
+                raise replaced from err
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise replaced
+            sink.copy_from(fd, info.size, path)
+        finally:
+            os.close(fd)
+        pad = _padding(info.size, BLOCK)
+        sink.write(zeros[:pad])
+        total += info.size + pad
+    sink.write(zeros[: 2 * BLOCK])
+    total += 2 * BLOCK
+    sink.write(zeros[: _padding(total, RECORD)])
+    sink.flush()
+
+
+async def copy_in(
+    calls: Calls,
+    src: str | os.PathLike[str],
+    dest_path: str,
+    *,
+    container_id: str | None,
+    follow_symlinks: bool,
+    mkdir_parents: bool,
+    overwrite: bool,
+    progress: Progress | None,
+) -> None:
+    """See :meth:`FilesClient.copy_in`."""
+    check_path(dest_path, "dest_path")
+    container = check_container_id(container_id)
+    check_progress(progress)
+    src_text = local_path(src, "src")
+    try:
+        plan = await trio.to_thread.run_sync(_plan, src_text, follow_symlinks)
+    except OSError as err:
+        raise local_error(err, src_text) from err
+    name = os.path.basename(plan.path)
+    if plan.is_dir:
+        # docker cp: a directory copied onto an existing directory lands
+        # inside it under its own name; anywhere else it becomes dest_path,
+        # but never replaces a file (overwrite is for a file by a file).
+        kind = await calls.remote_kind(dest_path, container_id=container_id)
+        if kind == "file":
+            raise FailedPrecondition(f"cannot overwrite non-directory {dest_path} with a directory")
+        if kind == "dir" and not src_text.endswith("/.") and name:
+            plan = dataclasses.replace(plan, root=name)
+    try:
+        total = await trio.to_thread.run_sync(archive_size, plan) if progress else None
+    except OSError as err:
+        raise local_error(err, src_text) from err
+    first = first_upload_chunk(
+        dest_path,
+        container,
+        mkdir_parents=mkdir_parents,
+        overwrite=overwrite,
+        source_is_dir=plan.is_dir,
+    )
+    meter = Meter(progress, total)
+    send_chunks, receive_chunks = trio.open_memory_channel[Chunk](0)
+
+    async def read(max_bytes: int) -> Chunk:
+        try:
+            chunk = await receive_chunks.receive()
+        except trio.EndOfChannel:
+            meter.finish()
+            return Chunk.of(b"")
+        meter.add(chunk.size)
+        return chunk
+
+    buffers = UploadBuffers(calls.buffers, DEFAULT_CHUNK_SIZE)
+
+    async def pack() -> None:
+        try:
+            await trio.to_thread.run_sync(
+                _pack, plan, _ChunkSink(send_chunks, buffers, DEFAULT_CHUNK_SIZE)
+            )
+        except OSError as err:
+            raise local_error(err, src_text) from err
+        # Closing is the only end-of-data signal (see _client._upload.read).
+        await send_chunks.aclose()
+
+    async def upload() -> None:
+        async with receive_chunks:
+            await calls.upload(ChunkReader(read, DEFAULT_CHUNK_SIZE), first)
+
+    try:
+        await supervise(pack, upload)
+    finally:
+        buffers.close()
