@@ -295,7 +295,7 @@ async def test_unsafe_archive_exit_status(sock_dir: Path, tmp_path: Path) -> Non
     async with scripted_server(sock_dir, download=hostile) as srv:
         result = await boxfiles_cmd("cp", "--connect", srv.target, "box:/f", str(tmp_path / "out"))
     assert result.returncode == EXIT_UNSAFE
-    assert "'..'" in one_line_error(result)
+    assert "contains ..: ../escape" in one_line_error(result)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,7 +20,7 @@ import boxfiles
 from boxfiles._aio import ServerCall
 from boxfiles._client._progress import INTERVAL
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from boxfiles._tar._stream import MAX_ENTRY_HEADER_BYTES
+from boxfiles._tar._read import MAX_ENTRY_HEADER_BYTES
 
 from . import tarshapes
 from .conftest import Leaks, assert_no_asyncio_tasks

@@ -25,9 +25,9 @@ import boxfiles
 from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk
 from boxfiles._server._confine import STAGING_PREFIX
-from boxfiles._server._extract import MAX_DEPTH
 from boxfiles._supervise import one_error
-from boxfiles._tar._stream import MAX_ENTRY_HEADER_BYTES
+from boxfiles._tar._read import MAX_ENTRY_HEADER_BYTES
+from boxfiles._tar._rules import MAX_DEPTH
 from boxfiles._target import UnixTarget
 from boxfiles._wire import DOWNLOAD, UPLOAD
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from boxfiles._tar._stream import ChunkStream, next_member, open_archive
+from boxfiles._tar._read import ChunkStream, next_member, open_archive
 
 from . import tarshapes
 from .test_soak import rss

@@ -25,7 +25,7 @@ import trio
 
 from .._errors import FailedPrecondition, LocalIOError
 from .._supervise import supervise
-from .._tar._paxtime import set_mtime_ns
+from .._tar._write import END, RECORD, HardLinks, header, member, padding
 from .._wire import (
     DEFAULT_CHUNK_SIZE,
     HEADER_ROOM,
@@ -37,11 +37,6 @@ from .._wire import (
 from ._local import ChunkReader, UploadBuffers, local_error, local_path
 from ._progress import Meter, Progress, check_progress
 from ._transfer import Calls
-
-BLOCK = tarfile.BLOCKSIZE
-RECORD = tarfile.RECORDSIZE
-_ENCODING = "utf-8"
-_ERRORS = "surrogateescape"  # non-UTF-8 file names survive the round trip
 
 
 @final
@@ -113,63 +108,35 @@ def _walk(plan: _PackPlan) -> Iterator[tuple[str, str, os.stat_result]]:
 
 
 def _tarinfo(
-    path: str, arcname: str, st: os.stat_result, names: _Names, inodes: dict[tuple[int, int], str]
+    path: str, arcname: str, st: os.stat_result, names: _Names, links: HardLinks
 ) -> tarfile.TarInfo | None:
     """The header for one entry; None for a socket (skipped, like GNU tar)."""
-    info = tarfile.TarInfo(arcname)
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in inodes:
-            info.type = tarfile.LNKTYPE
-            info.linkname = inodes[key]
-        else:
-            if st.st_nlink > 1:
-                inodes[key] = arcname
-            info.type = tarfile.REGTYPE
-            info.size = st.st_size
-    elif stat.S_ISDIR(mode):
-        info.type = tarfile.DIRTYPE
-    elif stat.S_ISLNK(mode):
-        info.type = tarfile.SYMTYPE
-        info.linkname = os.readlink(path)
-    elif stat.S_ISSOCK(mode):
-        return None
-    else:
-        # Refused here, though the server's download skips them: no server
-        # accepts one in an upload, so failing now, naming it, beats a
-        # refusal of the whole archive after it was sent.
-        kind = "fifo" if stat.S_ISFIFO(mode) else "device node"
+    info = member(arcname, st, links, lambda: os.readlink(path))
+    if info is None:
+        if stat.S_ISSOCK(st.st_mode):
+            return None
+        kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "device node"
         raise LocalIOError(f"cannot copy {path}: it is a {kind}")
-    info.mode = stat.S_IMODE(mode)
-    info.uid, info.gid = st.st_uid, st.st_gid
+    if info.type == tarfile.REGTYPE:
+        links.packed(st, arcname)
     info.uname, info.gname = names.user(st.st_uid), names.group(st.st_gid)
-    set_mtime_ns(info, st.st_mtime_ns)
     return info
-
-
-def _header(info: tarfile.TarInfo) -> bytes:
-    return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
-
-
-def _padding(size: int, unit: int) -> int:
-    return -size % unit
 
 
 def archive_size(plan: _PackPlan) -> int:
     """The exact size of the archive :func:`_pack` will produce for ``plan``
     if the tree does not change meanwhile (stats and headers only)."""
-    names, inodes = _Names(), dict[tuple[int, int], str]()
+    names, links = _Names(), HardLinks()
     total = 0
     for path, arcname, st in _walk(plan):
-        info = _tarinfo(path, arcname, st, names, inodes)
+        info = _tarinfo(path, arcname, st, names, links)
         if info is None:
             continue
-        total += len(_header(info))
+        total += len(header(info))
         if info.type == tarfile.REGTYPE:
-            total += info.size + _padding(info.size, BLOCK)
-    total += 2 * BLOCK
-    return total + _padding(total, RECORD)
+            total += info.size + padding(info.size)
+    total += len(END)
+    return total + padding(total, RECORD)
 
 
 @final
@@ -227,9 +194,9 @@ class _ChunkSink:
             room = self._room()
             got = os.readv(fd, [room[:left]])
             if got == 0:
-                # The server pads a shrunk file with zeros (its download has no
-                # way to fail an entry); here the caller can be told, and the
-                # upload is reset before anything is written.
+                # Failed, not padded with zeros, on both sides (the server's
+                # download answers ABORTED): padding would pass off a corrupt
+                # file as whole. The upload is reset before anything is placed.
                 raise LocalIOError(f"cannot read {name}: it shrank while being copied")
             self._used += got
             left -= got
@@ -237,16 +204,16 @@ class _ChunkSink:
 
 def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
     """Write the whole archive into ``sink`` (blocking; a worker thread)."""
-    names, inodes = _Names(), dict[tuple[int, int], str]()
+    names, links = _Names(), HardLinks()
     zeros = bytes(RECORD)
     total = 0
     for path, arcname, st in _walk(plan):
-        info = _tarinfo(path, arcname, st, names, inodes)
+        info = _tarinfo(path, arcname, st, names, links)
         if info is None:
             continue
-        header = _header(info)
-        sink.write(header)
-        total += len(header)
+        block = header(info)
+        sink.write(block)
+        total += len(block)
         if info.type != tarfile.REGTYPE:
             continue
         replaced = LocalIOError(f"cannot read {path}: it was replaced while being copied")
@@ -265,12 +232,12 @@ def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
             sink.copy_from(fd, info.size, path)
         finally:
             os.close(fd)
-        pad = _padding(info.size, BLOCK)
+        pad = padding(info.size)
         sink.write(zeros[:pad])
         total += info.size + pad
-    sink.write(zeros[: 2 * BLOCK])
-    total += 2 * BLOCK
-    sink.write(zeros[: _padding(total, RECORD)])
+    sink.write(END)
+    total += len(END)
+    sink.write(zeros[: padding(total, RECORD)])
     sink.flush()
 
 

@@ -22,10 +22,10 @@ import trio
 
 from .._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
 from .._fs import DIR_FLAGS, remove_tree
-from .._server._extract import MODE_MASK
 from .._supervise import supervise
 from .._tar._paxtime import mtime_ns
-from .._tar._stream import ChunkStream, CorruptArchive, next_member, open_archive, write_member
+from .._tar._read import ChunkStream, CorruptArchive, next_member, open_archive, write_member
+from .._tar._rules import MODE_MASK, BadEntry, entry_parts
 from .._wire import (
     check_container_id,
     check_path,
@@ -45,16 +45,12 @@ class _Extracted:
     root_meta: tuple[int, int] | None = None  # the "./" entry: (mode, mtime_ns)
 
 
-def _safe_name(name: str) -> str:
-    """An archive name as a relative path; raise UnsafeArchive if it escapes."""
-    if "\x00" in name:
-        raise UnsafeArchive(f"archive entry name contains NUL: {name!r}")
-    if name.startswith("/"):
-        raise UnsafeArchive(f"absolute archive entry name: {name!r}")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchive(f"archive entry name contains '..': {name!r}")
-    return "/".join(parts)
+def _safe_name(name: str, what: str = "entry") -> str:
+    """An archive name as a relative path, by the shared entry rules."""
+    try:
+        return "/".join(entry_parts(name, what))
+    except BadEntry as err:
+        raise UnsafeArchive(str(err)) from None
 
 
 def _extract(reader: ChunkStream, staging: str) -> _Extracted:
@@ -121,7 +117,7 @@ def _extract_one(
     out: _Extracted,
 ) -> None:
     rel = _safe_name(member.name)
-    mode = member.mode & MODE_MASK  # as the server: set-id bits dropped, sticky kept
+    mode = member.mode & MODE_MASK
     mtime = mtime_ns(member)
     if not rel:
         if not member.isdir():
@@ -176,7 +172,7 @@ def _extract_one(
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
         kinds[rel] = "link"
     else:
-        target = _safe_name(member.linkname)
+        target = _safe_name(member.linkname, f"hard link {member.name} ->")
         if kinds.get(target) != "file":
             raise UnsafeArchive(
                 f"hard link to something outside the archive: {member.name!r} -> {member.linkname!r}"

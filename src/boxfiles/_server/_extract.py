@@ -19,7 +19,8 @@ from typing import final
 from .._errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from .._fs import DIR_FLAGS, DirCursor, Journal, TreeWalk, remove_tree
 from .._tar._paxtime import mtime_ns
-from .._tar._stream import ChunkStream, next_member, open_archive, write_member
+from .._tar._read import ChunkStream, next_member, open_archive, write_member
+from .._tar._rules import MODE_MASK, BadEntry, entry_parts
 from ._confine import (
     Located,
     check_name,
@@ -30,12 +31,6 @@ from ._confine import (
     mount_of,
     restore_times,
 )
-
-#: Permission bits kept from an archive: setuid and setgid are dropped, as an
-#: upload must not mint set-id executables owned by the server's user. The
-#: sticky bit is kept (the client's copy_out keeps 0o777): a container's
-#: /tmp-like directories need it, a host user's destination does not.
-MODE_MASK = 0o1777
 
 #: Bytes copied per call when a staged file must cross to another mount.
 _COPY_STEP = 8 * 1024 * 1024
@@ -64,21 +59,13 @@ class Staged:
     restricted: list[tuple[list[str], int]] = field(default_factory=list)
 
 
-#: Deepest entry accepted (components), only to bound a hostile name: every
-#: walk holds one fd and no recursion whatever the depth. Twice the deepest
-#: dest_path (MAX_PATH_BYTES / 2 levels), so a tree built by uploads to deep
-#: paths can be downloaded and uploaded again.
-MAX_DEPTH = 4096
-
-
 def _entry_parts(name: str, what: str = "entry") -> list[str]:
-    if name.startswith("/"):
-        raise InvalidArgument(f"archive {what} has an absolute name: {name}")
-    parts = components(name)
-    if ".." in parts:
-        raise InvalidArgument(f"archive {what} contains ..: {name}")
-    if len(parts) > MAX_DEPTH:
-        raise InvalidArgument(f"archive {what} is nested deeper than {MAX_DEPTH}: {name[:64]}...")
+    """The shared entry rules, plus the server's own: staging names are
+    reserved (a client extracting locally has no such names to protect)."""
+    try:
+        parts = entry_parts(name, what)
+    except BadEntry as err:
+        raise InvalidArgument(str(err)) from None
     for part in parts:
         check_name(part, f"archive {what} {name}")
     return parts

@@ -18,7 +18,7 @@ import trio
 
 from .._errors import Internal, NotFound, Status
 from .._fs import DIR_FLAGS, TreeWalk
-from .._tar._paxtime import set_mtime_ns
+from .._tar._write import END, HardLinks, header, member, padding
 from ._confine import STAGING_PREFIX, Located, components, locate
 
 #: Bytes read from a file at a time.
@@ -27,8 +27,6 @@ READ_SIZE = 1024 * 1024
 #: Most entries :func:`measure` walks for a download's size hint; a larger
 #: tree gets no hint rather than a second long walk before its first byte.
 MEASURE_ENTRIES = 10_000
-
-_ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
 @final
@@ -130,12 +128,10 @@ class _Packer:
 
     def __init__(self, sink: Sink | _Counter) -> None:
         self._sink = sink
-        self._links: dict[tuple[int, int], str] = {}
+        self._links = HardLinks()
 
     def _header(self, info: tarfile.TarInfo) -> None:
-        # PAX headers carry long and non-ASCII names; surrogateescape keeps
-        # names that are not UTF-8 byte for byte.
-        self._sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._sink.write(header(info))
 
     def tree(self, dir_fd: int, name: str, arcname: str) -> None:
         """Pack ``name`` in ``dir_fd`` ("" for ``dir_fd`` itself) and, for a
@@ -167,33 +163,18 @@ class _Packer:
             self._sink.entries_left -= 1
             if self._sink.entries_left < 0:
                 raise _TooMany
-        info = tarfile.TarInfo(arcname)
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = st.st_uid, st.st_gid
-        set_mtime_ns(info, st.st_mtime_ns)
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
+        # Sockets, fifos and devices are skipped (see member: copy_in refuses them).
+        info = member(arcname, st, self._links, lambda: os.readlink(name, dir_fd=dir_fd))
+        if info is None:
+            return
+        if info.type != tarfile.REGTYPE:
             self._header(info)
-        elif stat.S_ISLNK(st.st_mode):
-            info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(name, dir_fd=dir_fd)
-            self._header(info)
-        elif stat.S_ISREG(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in self._links:
-                info.type = tarfile.LNKTYPE
-                info.linkname = self._links[key]
-                self._header(info)
-                return
-            self._file(dir_fd, name, info)
-            if st.st_nlink > 1:
-                self._links[key] = arcname
-        # Sockets, fifos and devices are skipped, where the client's copy_in
-        # refuses them: a container's tree routinely holds them (/dev, /run),
-        # and downloading "/" must not fail on them; the user named the
-        # client's sources, so there a special file is a mistake to report.
+            return
+        if self._file(dir_fd, name, info):
+            self._links.packed(st, arcname)
 
-    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> None:
+    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> bool:
+        """Pack a regular file's header and data; False if it is no longer one."""
         # O_NONBLOCK: if a fifo took the file's place since the stat, the open
         # must not hang; the fstat below then skips it.
         fd = os.open(
@@ -202,12 +183,12 @@ class _Packer:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return
+                return False
             info.size = st.st_size
             self._header(info)
             if isinstance(self._sink, _Counter):
-                self._sink.size += -st.st_size % tarfile.BLOCKSIZE + st.st_size
-                return
+                self._sink.size += st.st_size + padding(st.st_size)
+                return True
             left = st.st_size
             while left:
                 data = os.read(fd, min(left, READ_SIZE))
@@ -218,10 +199,10 @@ class _Packer:
                     raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
                 self._sink.write(data)
                 left -= len(data)
-            if st.st_size % tarfile.BLOCKSIZE:
-                self._sink.write(_ZEROS[st.st_size % tarfile.BLOCKSIZE :])
+            self._sink.write(END[: padding(st.st_size)])
         finally:
             os.close(fd)
+        return True
 
 
 def measure(plan: PackPlan) -> int | None:
@@ -237,7 +218,7 @@ def measure(plan: PackPlan) -> int | None:
         _Packer(counter).tree(plan.source.dir_fd, plan.source.name, plan.arcname)
     except _TooMany:
         return None
-    return counter.size + 2 * tarfile.BLOCKSIZE
+    return counter.size + len(END)
 
 
 def pack(plan: PackPlan, sink: Sink) -> None:
@@ -252,5 +233,5 @@ def pack(plan: PackPlan, sink: Sink) -> None:
         trio.Cancelled, trio.BrokenResourceError: from the sink.
     """
     _Packer(sink).tree(plan.source.dir_fd, plan.source.name, plan.arcname)
-    sink.write(_ZEROS * 2)
+    sink.write(END)
     sink.flush()

@@ -40,7 +40,7 @@ from .._errors import (
 from .._fs import DIR_FLAGS, TreeWalk, remove_tree
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._supervise import one_error, supervise
-from .._tar._stream import ChunkStream
+from .._tar._read import ChunkStream
 from .._target import TcpTarget, UnixTarget, parse_target
 from .._wire import (
     CHANNEL_CAPACITY,
