@@ -25,7 +25,7 @@ import trio
 import boxfiles
 from boxfiles._fs import remove_tree
 from boxfiles._server._confine import MAX_FDS, STAGING_PREFIX, locate
-from boxfiles._server._service import sweep_stale_staging
+from boxfiles._server._staging import sweep_stale_staging
 from boxfiles._wire import MAX_PATH_BYTES
 
 from .conftest import deep_chain, started_process

@@ -1,9 +1,9 @@
 """boxfiles: stream files in and out of sandboxes over the boxlite.v1.Files gRPC service, from trio."""
 
-from ._client._client import FilesClient as FilesClient
-from ._client._client import open_client as open_client
-from ._client._local import AsyncReader as AsyncReader
-from ._client._local import AsyncWriter as AsyncWriter
+from ._client import AsyncReader as AsyncReader
+from ._client import AsyncWriter as AsyncWriter
+from ._client import FilesClient as FilesClient
+from ._client import open_client as open_client
 from ._errors import AlreadyExists as AlreadyExists
 from ._errors import DeadlineExceeded as DeadlineExceeded
 from ._errors import FailedPrecondition as FailedPrecondition
@@ -20,7 +20,7 @@ from ._errors import Status as Status
 from ._errors import Unavailable as Unavailable
 from ._errors import UnsafeArchive as UnsafeArchive
 from ._errors import UploadRejected as UploadRejected
-from ._server._service import serve_files as serve_files
+from ._server import serve_files as serve_files
 from ._wire import CHANNEL_CAPACITY as CHANNEL_CAPACITY
 from ._wire import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
 from ._wire import MAX_CHUNK_SIZE as MAX_CHUNK_SIZE

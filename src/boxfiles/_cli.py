@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from ._client._client import open_client
-from ._client._local import describe_oserror
-from ._client._progress import format_bytes
+from ._client import describe_oserror, format_bytes, open_client
 from ._errors import (
     FilesError,
     LocalIOError,
@@ -26,7 +24,7 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
-from ._server._service import IDLE_TIMEOUT, MAX_TRANSFERS
+from ._server import IDLE_TIMEOUT, MAX_TRANSFERS
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
@@ -260,7 +258,7 @@ async def _until_signal(body: Callable[[], Awaitable[None]]) -> _Interrupt:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server._service import serve_files
+    from ._server import serve_files
 
     logging.basicConfig(
         level=logging.INFO,

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import trio
 
-from ._client._client import open_client
-from ._client._progress import format_bytes
-from ._server._service import serve_files
+from ._client import format_bytes, open_client
+from ._server import serve_files
 
 MiB = 1024 * 1024
 

@@ -10,22 +10,17 @@ inside the container root (see :mod:`boxfiles._server._confine`).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import math
 import os
-import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, final
+from typing import Any, TypeVar, final
 
 import trio
 
-from .._aio import Handler, Method, ServerCall, serve
+from .._aio import Handler, Method, ServerCall
 from .._errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -37,11 +32,10 @@ from .._errors import (
     RemoteError,
     ResourceExhausted,
 )
-from .._fs import DIR_FLAGS, TreeWalk, remove_tree
+from .._fs import DIR_FLAGS
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from .._supervise import one_error, supervise
+from .._supervise import supervise
 from .._tar._read import ChunkStream
-from .._target import TcpTarget, UnixTarget, parse_target
 from .._wire import (
     CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
@@ -49,20 +43,15 @@ from .._wire import (
     MAX_PATH_BYTES,
     SIZE_HINT_KEY,
     UPLOAD,
-    check_chunk_size,
     decode_upload_chunk,
 )
 from . import _pack
 from ._confine import (
-    STAGING_PREFIX,
     check_name,
     components,
-    locate,
-    locked_staging,
-    make_dir,
-    restore_times,
 )
-from ._extract import Placement, Staged, extract
+from ._extract import Staged, extract
+from ._staging import Staging
 
 log = logging.getLogger("boxfiles.server")
 
@@ -183,172 +172,6 @@ class _Transfer:
 
 
 @final
-@dataclass
-class _Staging:
-    """An upload's hidden directory, with ``tree`` (what is extracted) in it.
-
-    It is made on the destination's own filesystem, so placing is a rename
-    even into a volume mounted inside the root: in the destination when that
-    is an existing directory, else in the deepest existing directory on the
-    way to it. Owns its fds. Its host directory's times are put back when it
-    is removed, unless something else (placement, another upload) changed
-    that directory meanwhile.
-    """
-
-    root_fd: int
-    host_fd: int
-    #: The host's (atime, mtime) before the staging was made, and its mtime
-    #: just after.
-    host_times: tuple[int, int]
-    host_made_ns: int
-    fd: int
-    name: str
-    tree_fd: int
-
-    @classmethod
-    def create(cls, root: Path, dest_path: str) -> _Staging:
-        root_fd = os.open(root, DIR_FLAGS)
-        try:
-            host_fd = _staging_host(root_fd, dest_path)
-            try:
-                host = os.fstat(host_fd)
-                fd, name = locked_staging(host_fd)
-                made_ns = os.fstat(host_fd).st_mtime_ns
-                try:
-                    # Mode of a directory archive without a "./" entry: the
-                    # staged tree may become the destination itself.
-                    tree_fd = make_dir(fd, "tree", 0o755)
-                except BaseException:
-                    remove_tree(host_fd, name)
-                    os.close(fd)
-                    raise
-            except BaseException:
-                os.close(host_fd)
-                raise
-        except BaseException:
-            os.close(root_fd)
-            raise
-        times = (host.st_atime_ns, host.st_mtime_ns)
-        return cls(root_fd, host_fd, times, made_ns, fd, name, tree_fd)
-
-    def place(
-        self,
-        staged: Staged,
-        dest_path: str,
-        *,
-        file_mode: bool,
-        mkdir_parents: bool,
-        overwrite: bool,
-    ) -> None:
-        placement = Placement(self.root_fd, self.fd, overwrite=overwrite)
-        try:
-            placement.run(staged, dest_path, file_mode=file_mode, mkdir_parents=mkdir_parents)
-        finally:
-            placement.close()
-
-    def remove(self) -> None:
-        os.close(self.tree_fd)
-        try:
-            untouched = os.fstat(self.host_fd).st_mtime_ns == self.host_made_ns
-            remove_tree(self.host_fd, self.name)  # still locked: no sweep races it
-            if untouched:
-                restore_times(self.host_fd, self.host_times)
-        finally:
-            os.close(self.fd)
-            os.close(self.host_fd)
-            os.close(self.root_fd)
-
-
-def _staging_host(root_fd: int, dest_path: str) -> int:
-    """A new fd of the directory an upload to ``dest_path`` stages in."""
-    try:
-        dest = locate(root_fd, dest_path, follow=True, missing="stop")
-    except RemoteError:
-        # Placement will refuse this destination, once the upload is read
-        # (see SPEC); until then, stage at the root.
-        return os.dup(root_fd)
-    try:
-        st = dest.lstat()
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            return dest.open_dir()
-        return os.dup(dest.dir_fd)
-    finally:
-        dest.close()
-
-
-#: Filesystem types a sweep does not walk into: kernel views, not storage an
-#: upload could have staged in (a container root may have them mounted).
-_PSEUDO_FS = frozenset(
-    "proc sysfs cgroup cgroup2 devpts mqueue debugfs tracefs securityfs pstore bpf "
-    "fusectl configfs binfmt_misc autofs hugetlbfs devtmpfs nsfs efivarfs".split()
-)
-
-
-def _pseudo_devices() -> set[int]:
-    """st_dev of every mounted pseudo filesystem (from /proc/self/mountinfo)."""
-    found = set()
-    try:
-        with open("/proc/self/mountinfo") as mounts:
-            for line in mounts:
-                fields = line.split()
-                fstype = fields[fields.index("-") + 1]
-                if fstype in _PSEUDO_FS:
-                    major, minor = fields[2].split(":")
-                    found.add(os.makedev(int(major), int(minor)))
-    except OSError:
-        pass  # no /proc: nothing to skip
-    return found
-
-
-def sweep_stale_staging(root: Path) -> list[str]:
-    """Remove staging left in ``root`` by a server that died mid-upload.
-
-    Staging can be made anywhere in the tree, so the whole tree is walked
-    (without recursion, never following a symlink, skipping kernel pseudo
-    filesystems). Staging whose lock is held belongs to a live upload (of
-    this or another server on the same root) and is kept; any other is a
-    dead server's, whatever its age. Returns the paths removed.
-    """
-    removed = []
-    skip = _pseudo_devices()
-    root_fd = os.open(root, DIR_FLAGS)
-    try:
-        walk = TreeWalk(root_fd)
-    finally:
-        os.close(root_fd)
-    try:
-        for name, st, leaving in walk:
-            if leaving or not stat.S_ISDIR(st.st_mode):
-                continue
-            if not name.startswith(STAGING_PREFIX):
-                if st.st_dev not in skip:
-                    try:
-                        walk.descend(name)
-                    except OSError:
-                        pass  # unreadable: nothing of ours can be in it
-                continue
-            path = "/".join([*walk.path, name])
-            try:
-                fd = os.open(name, DIR_FLAGS, dir_fd=walk.fd)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                remove_tree(walk.fd, name)  # holding the lock: see locked_staging
-            except BlockingIOError:
-                continue  # in use
-            except Exception as err:  # a server must start even beside debris it cannot remove
-                log.warning("could not remove stale staging %s: %r", path, err)
-                continue
-            finally:
-                os.close(fd)
-            removed.append(path)
-    finally:
-        walk.close()
-    return removed
-
-
-@final
 class FilesService:
     """Upload and Download over container roots on this machine."""
 
@@ -432,7 +255,7 @@ class FilesService:
         transfer.container = cid
         source_is_dir = first.source_is_dir if first.HasField("source_is_dir") else None
         try:
-            staging = await transfer.run_sync(lambda: _Staging.create(root, first.dest_path))
+            staging = await transfer.run_sync(lambda: Staging.create(root, first.dest_path))
         except OSError as err:
             raise _remote_from_os(err, first.dest_path) from err
         try:
@@ -474,7 +297,7 @@ class FilesService:
         call: ServerCall[UploadChunk, UploadResponse],
         first: UploadChunk,
         first_data: memoryview,
-        staging: _Staging,
+        staging: Staging,
         transfer: _Transfer,
     ) -> Staged:
         send_data, receive_data = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
@@ -602,214 +425,3 @@ class FilesService:
                     await transfer.from_client(call.send(message), "the client took no data")
 
         await supervise(pack, stream)
-
-
-@final
-@dataclass(frozen=True)
-class _Listener:
-    sock: socket.socket
-    address: str
-    #: (path, st_dev, st_ino) of the unix socket file this server created.
-    unix_file: tuple[str, int, int] | None
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file left by a crashed server; refuse a live one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: stale
-        return
-    except BlockingIOError:
-        pass  # listening, with a full backlog
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
-
-
-def _bind_unix(target: UnixTarget) -> _Listener:
-    _clear_stale_socket(target.path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(target.path)
-        # Before listen(), nobody can connect: restrict first, so there is
-        # no moment when another user could (and no process-wide umask).
-        os.chmod(target.path, 0o600)
-        st = os.stat(target.path)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return _Listener(sock, f"unix:{target.path}", (target.path, st.st_dev, st.st_ino))
-
-
-def _bind_tcp(target: TcpTarget, allow_remote: bool) -> _Listener:
-    if not target.is_loopback and not allow_remote:
-        raise ValueError(
-            f"refusing to listen on {target}, which is not a loopback address: the Files "
-            "protocol has no authentication; pass allow_remote=True to do it anyway"
-        )
-    family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((target.host, target.port))
-        sock.listen(128)
-        host, port = sock.getsockname()[:2]
-    except BaseException:
-        sock.close()
-        raise
-    return _Listener(sock, str(TcpTarget(host, port)), None)
-
-
-def _remove_socket_file(unix_file: tuple[str, int, int]) -> None:
-    path, dev, ino = unix_file
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if (st.st_dev, st.st_ino) == (dev, ino):  # still ours, not a successor's
-        os.unlink(path)
-
-
-def _resolve_roots(
-    root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
-) -> dict[str, Path]:
-    roots = {"": root} if isinstance(root, (str, os.PathLike)) else dict(root)
-    if not roots:
-        raise ValueError("no container roots to serve")
-    resolved = {cid: Path(os.fspath(path)).resolve() for cid, path in roots.items()}
-    for cid, path in resolved.items():
-        if not path.is_dir():
-            raise ValueError(f"container root is not a directory: {path} (container {cid!r})")
-    if "" in resolved and len(resolved) > 1:
-        raise ValueError("a container id must not be empty when serving several containers")
-    return resolved
-
-
-async def serve_files(
-    root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
-    listen: str,
-    *,
-    max_upload_bytes: int | None = None,
-    max_transfers: int = MAX_TRANSFERS,
-    idle_timeout: float = IDLE_TIMEOUT,
-    allow_remote: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Serve the Files service for ``root`` on ``listen`` until cancelled.
-
-    Use with ``await nursery.start(serve_files, root, listen)``, which returns
-    the address clients can pass to :func:`open_client` once the server is
-    accepting calls.
-
-    Args:
-        root: the container root directory (served as the sole container,
-            id ""), or a mapping of container ids to root directories.
-        listen: ``unix:PATH`` / ``unix:///abs/path`` or ``[tcp://]host:port``.
-            A unix socket is created owner-only
-            (0600); a stale socket file nobody listens on is replaced.
-        max_upload_bytes: uploads with more archive bytes than this fail
-            with RESOURCE_EXHAUSTED, nothing written; None for no limit.
-        max_transfers: uploads and downloads running at once; one more is
-            refused at once with RESOURCE_EXHAUSTED. Each runs its blocking
-            work in one worker thread of its own, so this also caps the
-            server's threads.
-        idle_timeout: seconds a transfer may wait on its client for the
-            next message (upload) or for taking the next one (download);
-            past that it fails with DEADLINE_EXCEEDED, nothing placed.
-        allow_remote: allow a TCP address that is not loopback. The protocol
-            has no authentication: anyone who can connect can read and write
-            every container root.
-        chunk_size: bytes of data per download message.
-
-    On cancellation the listener closes, transfers in flight are reset (their
-    staging is removed), the unix socket file is removed, and trio.Cancelled
-    propagates.
-
-    Raises:
-        ValueError: ``listen`` is malformed, a root is not a directory, an
-            option is out of range, or a TCP address is not loopback and
-            ``allow_remote`` is false.
-        OSError: the address cannot be bound (EADDRINUSE when a live server
-            owns the unix socket; FileExistsError when the path is not a
-            socket).
-    """
-    await serve_service(
-        FilesService.handlers,
-        root,
-        listen,
-        max_upload_bytes=max_upload_bytes,
-        max_transfers=max_transfers,
-        idle_timeout=idle_timeout,
-        allow_remote=allow_remote,
-        chunk_size=chunk_size,
-        task_status=task_status,
-    )
-
-
-async def serve_service(
-    handlers_for: Callable[[FilesService], Mapping[Method[Any, Any], Handler]],
-    root: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
-    listen: str,
-    *,
-    max_upload_bytes: int | None = None,
-    max_transfers: int = MAX_TRANSFERS,
-    idle_timeout: float = IDLE_TIMEOUT,
-    allow_remote: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """:func:`serve_files`, with the handlers chosen by ``handlers_for``
-    (given the service); the fault-injecting test server wraps them."""
-    resolved = _resolve_roots(root)
-    if max_upload_bytes is not None and (
-        isinstance(max_upload_bytes, bool)
-        or not isinstance(max_upload_bytes, int)
-        or max_upload_bytes < 0
-    ):
-        raise ValueError(f"max_upload_bytes must be None or an int >= 0, got {max_upload_bytes!r}")
-    if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
-        raise ValueError(f"max_transfers must be an int >= 1, got {max_transfers!r}")
-    if (
-        isinstance(idle_timeout, bool)
-        or not isinstance(idle_timeout, (int, float))
-        or not 0 < idle_timeout < math.inf
-    ):
-        raise ValueError(
-            f"idle_timeout must be a finite number of seconds > 0, got {idle_timeout!r}"
-        )
-    service = FilesService(
-        resolved,
-        chunk_size=check_chunk_size(chunk_size),
-        max_upload_bytes=max_upload_bytes,
-        max_transfers=max_transfers,
-        idle_timeout=idle_timeout,
-    )
-    target = parse_target(listen, listen=True)
-    listener = (
-        _bind_unix(target) if isinstance(target, UnixTarget) else _bind_tcp(target, allow_remote)
-    )
-    try:
-        for cid, path in resolved.items():
-            for name in await trio.to_thread.run_sync(sweep_stale_staging, path):
-                log.warning("removed stale staging %s of container %r", name, cid)
-        with one_error():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve, listener.sock, handlers_for(service))
-                task_status.started(listener.address)
-                await trio.sleep_forever()
-    finally:
-        listener.sock.close()
-        if listener.unix_file is not None:
-            _remove_socket_file(listener.unix_file)
-    raise AssertionError("unreachable")

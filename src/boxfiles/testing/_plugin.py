@@ -19,8 +19,8 @@ from typing import final
 import pytest
 import trio
 
-from .._client._client import FilesClient, open_client
-from .._server._service import serve_files
+from .._client import FilesClient, open_client
+from .._server import serve_files
 from ._faults import FaultServer, open_fault_server
 
 
