@@ -21,9 +21,8 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._aio import MAX_MESSAGE_BYTES
 from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
-from boxfiles._wire import DOWNLOAD, UPLOAD
+from boxfiles._wire import DOWNLOAD, MAX_MESSAGE_BYTES, UPLOAD
 
 from .conftest import BytesReader
 from .h2peer import GRPC_HEADERS, Peer, framed, h2_server

@@ -213,3 +213,19 @@ async def test_wrong_direction_fault_is_refused(faults: FaultServer) -> None:
         faults.fail_next_upload(Corrupt())
     with pytest.raises(TypeError, match="ReplyFailure is not a download fault"):
         faults.fail_next_download(ReplyFailure())
+
+
+async def test_copy_in_sends_the_chunk_size_it_is_given(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "site"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(5 * CHUNK + 17))
+    async with boxfiles.open_client(faults.target) as client:
+        await client.copy_in(src, "/site", chunk_size=CHUNK)
+        with pytest.raises(ValueError, match="chunk_size"):
+            await client.copy_in(src, "/other", chunk_size=boxfiles.MAX_CHUNK_SIZE + 1)
+    upload = next(c for c in faults.calls if c.method == "upload")
+    assert max(upload.sizes) == CHUNK
+    assert upload.sizes[:-1] == [CHUNK] * (len(upload.sizes) - 1)
+    assert (faults.root / "site" / "big").read_bytes() == (src / "big").read_bytes()

@@ -8,18 +8,22 @@ never spelled by hand).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import final
+from dataclasses import dataclass
+from typing import Generic, TypeVar, final
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from ._aio import Method
 from ._proto import files_pb2
 from ._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+
 MiB = 1024 * 1024
 
-#: Default bytes of file data per message.
+#: Default bytes of file data per message, everywhere a chunk size is not
+#: given: upload_tar, copy_in, the server's downloads.
 DEFAULT_CHUNK_SIZE = 1 * MiB
 
 #: gRPC peers (grpcio, tonic) refuse messages over 4 MiB by default; keep room
@@ -31,8 +35,25 @@ MAX_CHUNK_SIZE = 4 * MiB - 64 * 1024
 #: ``chunk_size * (CHANNEL_CAPACITY + a small constant)``.
 CHANNEL_CAPACITY = 4
 
+#: Largest gRPC message either side accepts (gRPC's own default). A message
+#: declaring more is refused on its 5-byte prefix, before its body is read,
+#: so no more than the stream's flow-control window of it is ever buffered.
+MAX_MESSAGE_BYTES = 4 * MiB
+
 #: Longest dest_path / src_path / container_id accepted (bytes, UTF-8).
 MAX_PATH_BYTES = 4096
+
+
+@final
+@dataclass(frozen=True)
+class Method(Generic[SendT, RecvT]):
+    """One RPC of a service: its path, shape and message types."""
+
+    path: str
+    client_streaming: bool
+    server_streaming: bool
+    request_type: type[SendT]
+    reply_type: type[RecvT]
 
 
 def _method(name: str) -> Method:  # type: ignore[type-arg]

@@ -8,19 +8,16 @@ exception is mapped here onto the boxfiles hierarchy (the original kept as
 """
 
 from ._channel import Channel, ClientCall, open_channel
-from ._edge import Method
-from ._frames import FRAME_LIMIT, MAX_MESSAGE_BYTES
+from ._frames import FRAME_LIMIT
 from ._loop import UNIX_SEND_BUFFER, TrioEventLoop, current_loop
 from ._serve import Handler, ServerCall, serve
 
 __all__ = [
     "FRAME_LIMIT",
-    "MAX_MESSAGE_BYTES",
     "UNIX_SEND_BUFFER",
     "Channel",
     "ClientCall",
     "Handler",
-    "Method",
     "ServerCall",
     "TrioEventLoop",
     "current_loop",

@@ -29,8 +29,9 @@ from google.protobuf.message import Message
 from .._errors import FilesError, IncompleteTransfer, RemoteError, remote_error
 from .._supervise import one_error
 from .._target import Target, UnixTarget
+from .._wire import Method
 from . import _frames, _internals
-from ._edge import Method, run
+from ._edge import cardinality, run
 from ._frames import FRAME_LIMIT, FinishedEarly
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
@@ -178,7 +179,7 @@ class Channel:
         """
         stream: grpclib.client.Stream[SendT, RecvT] = self._channel.request(
             method.path,
-            method.cardinality,
+            cardinality(method),
             method.request_type,
             method.reply_type,
             timeout=grpc_timeout,

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, final
+from typing import Any, TypeVar
 
 import grpclib.const
 import grpclib.exceptions
@@ -15,6 +14,7 @@ import trio
 from google.protobuf.message import Message
 
 from .._errors import DeadlineExceeded, FilesError, IncompleteTransfer, Unavailable, remote_error
+from .._wire import Method
 from ._frames import MessageTooLarge
 from ._loop import TrioEventLoop
 
@@ -23,23 +23,12 @@ RecvT = TypeVar("RecvT", bound=Message)
 T = TypeVar("T")
 
 
-@final
-@dataclass(frozen=True)
-class Method(Generic[SendT, RecvT]):
-    """One RPC of a service: its path, shape and message types."""
-
-    path: str
-    client_streaming: bool
-    server_streaming: bool
-    request_type: type[SendT]
-    reply_type: type[RecvT]
-
-    @property
-    def cardinality(self) -> grpclib.const.Cardinality:
-        return _CARDINALITY[self.client_streaming, self.server_streaming]
-
-
 _CARDINALITY = {c.value: c for c in grpclib.const.Cardinality}
+
+
+def cardinality(method: Method[Any, Any]) -> grpclib.const.Cardinality:
+    """grpclib's name for ``method``'s shape."""
+    return _CARDINALITY[method.client_streaming, method.server_streaming]
 
 
 def map_exception(exc: BaseException, where: str) -> FilesError:

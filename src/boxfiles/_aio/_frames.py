@@ -20,6 +20,7 @@ import grpclib.protocol
 import grpclib.server
 from google.protobuf.message import Message
 
+from .._wire import MAX_MESSAGE_BYTES
 from . import _internals
 
 #: Largest DATA frame sent, and accepted (SETTINGS_MAX_FRAME_SIZE), by this
@@ -30,11 +31,6 @@ from . import _internals
 #: threshold (128 KiB) faults in fresh pages every time; so does the
 #: transport's copy of a sent frame the socket did not take at once.
 FRAME_LIMIT = 120 * 1024
-
-#: Largest gRPC message either side accepts (gRPC's own default). A message
-#: declaring more is refused on its 5-byte prefix, before its body is read,
-#: so no more than the stream's flow-control window of it is ever buffered.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class MessageTooLarge(Exception):

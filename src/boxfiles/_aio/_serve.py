@@ -15,8 +15,9 @@ from google.protobuf.message import DecodeError, Message
 
 from .._errors import FilesError, InvalidArgument, RemoteError, ResourceExhausted
 from .._supervise import one_error
+from .._wire import Method
 from . import _frames, _internals
-from ._edge import Method, run
+from ._edge import cardinality, run
 from ._frames import FRAME_LIMIT, MessageTooLarge
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
@@ -152,7 +153,7 @@ class _Service:
         return {
             method.path: grpclib.const.Handler(
                 _adapt(self._loop, method, handler),
-                method.cardinality,
+                cardinality(method),
                 method.request_type,
                 method.reply_type,
             )

@@ -185,6 +185,7 @@ class FilesClient(metaclass=_NoPublicConstructor):
         follow_symlinks: bool = False,
         mkdir_parents: bool = True,
         overwrite: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         progress: Progress | None = None,
     ) -> None:
         """Copy a local file or directory into the box at ``dest_path``.
@@ -213,6 +214,7 @@ class FilesClient(metaclass=_NoPublicConstructor):
                 are always copied as links.
             mkdir_parents: create missing parent directories of dest_path.
             overwrite: replace what already exists at the destination.
+            chunk_size: bytes of data per message (1 to MAX_CHUNK_SIZE).
             progress: called as ``progress(bytes_sent, total)`` at most five
                 times a second and once at the end. Passing it costs a
                 pre-walk of the tree (one lstat per entry, no file read --
@@ -242,6 +244,7 @@ class FilesClient(metaclass=_NoPublicConstructor):
                 follow_symlinks=follow_symlinks,
                 mkdir_parents=mkdir_parents,
                 overwrite=overwrite,
+                chunk_size=chunk_size,
                 progress=progress,
             )
 

@@ -27,9 +27,9 @@ from .._errors import FailedPrecondition, LocalIOError
 from .._supervise import supervise
 from .._tar._write import END, RECORD, HardLinks, header, member, padding
 from .._wire import (
-    DEFAULT_CHUNK_SIZE,
     HEADER_ROOM,
     Chunk,
+    check_chunk_size,
     check_container_id,
     check_path,
     first_upload_chunk,
@@ -250,9 +250,11 @@ async def copy_in(
     follow_symlinks: bool,
     mkdir_parents: bool,
     overwrite: bool,
+    chunk_size: int,
     progress: Progress | None,
 ) -> None:
     """See :meth:`FilesClient.copy_in`."""
+    check_chunk_size(chunk_size)
     check_path(dest_path, "dest_path")
     container = check_container_id(container_id)
     check_progress(progress)
@@ -294,13 +296,11 @@ async def copy_in(
         meter.add(chunk.size)
         return chunk
 
-    buffers = UploadBuffers(calls.buffers, DEFAULT_CHUNK_SIZE)
+    buffers = UploadBuffers(calls.buffers, chunk_size)
 
     async def pack() -> None:
         try:
-            await trio.to_thread.run_sync(
-                _pack, plan, _ChunkSink(send_chunks, buffers, DEFAULT_CHUNK_SIZE)
-            )
+            await trio.to_thread.run_sync(_pack, plan, _ChunkSink(send_chunks, buffers, chunk_size))
         except OSError as err:
             raise local_error(err, src_text) from err
         # Closing is the only end-of-data signal (see _client._upload.read).
@@ -308,7 +308,7 @@ async def copy_in(
 
     async def upload() -> None:
         async with receive_chunks:
-            await calls.upload(ChunkReader(read, DEFAULT_CHUNK_SIZE), first)
+            await calls.upload(ChunkReader(read, chunk_size), first)
 
     try:
         await supervise(pack, upload)

@@ -16,11 +16,12 @@ from typing import Any, NoReturn, final
 
 import trio
 
-from .._aio import Handler, Method, serve
+from .._aio import Handler, serve
 from .._supervise import one_error
 from .._target import TcpTarget, UnixTarget, parse_target
 from .._wire import (
     DEFAULT_CHUNK_SIZE,
+    Method,
     check_chunk_size,
 )
 from ._service import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService

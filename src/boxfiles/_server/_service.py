@@ -20,7 +20,7 @@ from typing import Any, TypeVar, final
 
 import trio
 
-from .._aio import Handler, Method, ServerCall
+from .._aio import Handler, ServerCall
 from .._errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -43,6 +43,7 @@ from .._wire import (
     MAX_PATH_BYTES,
     SIZE_HINT_KEY,
     UPLOAD,
+    Method,
     decode_upload_chunk,
 )
 from . import _pack

@@ -18,12 +18,12 @@ from typing import Any, Literal, final
 
 import trio
 
-from .._aio import Handler, Method, ServerCall
+from .._aio import Handler, ServerCall
 from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._server import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService, serve_service
 from .._supervise import one_error
-from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD, decode_upload_chunk
+from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD, Method, decode_upload_chunk
 
 
 @final
