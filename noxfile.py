@@ -109,14 +109,21 @@ def soak(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "soak", "-s", *session.posargs)
 
 
-@nox.session(python=NEWEST)
+@nox.session(python=PYTHONS)
 def bench(session: nox.Session) -> None:
-    """The performance benchmark (not a test): ``nox -s bench -- --size 256M``.
+    """The performance benchmark (not a test), on each Python found.
 
-    See ``python tests/bench/run.py --help``; results go to bench-results/.
+    Speed differs between Pythons: ``nox -s bench -- --size 256M`` runs all,
+    ``nox -s bench -p 3.12`` one.
+
+    See ``python tests/bench/run.py --help``; results go to
+    bench-results/<python>/ unless ``--out`` is given.
     """
     session.install(".[test,bench]")
-    session.run("python", "tests/bench/run.py", *session.posargs)
+    args = list(session.posargs)
+    if not any(arg == "--out" or arg.startswith("--out=") for arg in args):
+        args += ["--out", f"bench-results/{session.python}"]
+    session.run("python", "tests/bench/run.py", *args)
 
 
 @nox.session(python=NEWEST)
