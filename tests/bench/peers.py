@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ DownloadRequest: Any = _pb2.DownloadRequest
 UPLOAD_PATH = "/boxlite.v1.Files/Upload"
 DOWNLOAD_PATH = "/boxlite.v1.Files/Download"
 
-CHUNK = 1024 * 1024
+#: Bytes of data per message, for every client and server here alike; the
+#: bench sets BENCH_CHUNK for its small-message rows.
+CHUNK = int(os.environ.get("BENCH_CHUNK", 1024 * 1024))
 DEST = "/up.bin"  # where uploads land on the reference server (a single-file tar)
 
 
@@ -301,7 +304,7 @@ def serve_boxfiles(listen: str, root: str) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             target = await nursery.start(
-                boxfiles.serve_files,
+                partial(boxfiles.serve_files, chunk_size=CHUNK),
                 root,
                 listen if listen.startswith("unix:") else f"tcp://{listen}",
             )
@@ -436,7 +439,7 @@ def client_boxfiles(op: str, target: str, file: str, src: str, args: argparse.Na
             rss = Rss()
             started = time.monotonic()
             if op == "upload":
-                await client.upload_tar(file, DEST, source_is_dir=False)
+                await client.upload_tar(file, DEST, source_is_dir=False, chunk_size=CHUNK)
                 total = os.path.getsize(file)
             elif op == "download":
                 await client.download_tar(src, file)
