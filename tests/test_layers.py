@@ -14,7 +14,7 @@ SRC = Path(boxfiles.__file__).resolve().parent
 #: in a lower layer; never a higher layer, nor a sibling on its own layer.
 LAYERS = [
     {"_proto", "_errors"},
-    {"_target", "_supervise", "_wire"},
+    {"_target", "_supervise", "_wire", "_api"},
     {"_aio", "_fs", "_tar"},
     {"_client", "_server"},
     {"_demo", "testing"},

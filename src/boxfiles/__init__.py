@@ -1,5 +1,6 @@
 """boxfiles: stream files in and out of sandboxes over the boxlite.v1.Files gRPC service, from trio."""
 
+from ._api import publish
 from ._client import AsyncReader as AsyncReader
 from ._client import AsyncWriter as AsyncWriter
 from ._client import FilesClient as FilesClient
@@ -52,12 +53,7 @@ __all__ = [
     "serve_files",
 ]
 
-# Tracebacks and reprs name the public module, not the private one that
-# defines a name (as trio and httpcore do).
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("boxfiles."):
-        _obj.__module__ = "boxfiles"
-del _name, _obj
+publish("boxfiles", __all__, globals())
+del publish
 
 __version__ = "0.1.0"

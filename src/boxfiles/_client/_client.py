@@ -7,9 +7,10 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NoReturn, TypeVar, final
+from typing import final
 
 from .._aio import open_channel
+from .._api import NoPublicConstructor
 from .._target import parse_target
 from .._wire import (
     DEFAULT_CHUNK_SIZE,
@@ -23,25 +24,9 @@ from ._local import Destination, Source, open_source
 from ._progress import Meter, Progress, check_progress, metered_reader
 from ._transfer import Calls
 
-T = TypeVar("T")
-
-
-class _NoPublicConstructor(type):
-    """Calling the class raises TypeError: instances come from the library
-    (``cls._create``), as trio does for the objects it hands out."""
-
-    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor; "
-            "use boxfiles.open_client()"
-        )
-
-    def _create(cls: type[T], *args: object, **kwargs: object) -> T:
-        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
 
 @final
-class FilesClient(metaclass=_NoPublicConstructor):
+class FilesClient(metaclass=NoPublicConstructor):
     """A connection to a ``boxlite.v1.Files`` server. Made by :func:`open_client`.
 
     Calls may run concurrently from several tasks; each is one HTTP/2 stream
@@ -50,6 +35,8 @@ class FilesClient(metaclass=_NoPublicConstructor):
     all, and together they hold at most CLIENT_POOL_SIZE more, so memory
     grows by one chunk per upload, not six.
     """
+
+    _made_by = "boxfiles.open_client()"
 
     def __init__(self, calls: Calls) -> None:
         self._calls = calls

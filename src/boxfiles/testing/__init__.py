@@ -4,6 +4,7 @@ With boxfiles installed, pytest loads the fixtures ``files_server``,
 ``files_client`` and ``fault_server`` by itself (a ``pytest11`` entry point).
 """
 
+from .._api import publish
 from ._faults import CallRecord as CallRecord
 from ._faults import Corrupt as Corrupt
 from ._faults import DropConnection as DropConnection
@@ -32,10 +33,5 @@ __all__ = [
     "short_socket_dir",
 ]
 
-# Tracebacks and reprs name the public module, not the private one that
-# defines a name (as trio and httpcore do).
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("boxfiles.testing."):
-        _obj.__module__ = "boxfiles.testing"
-del _name, _obj
+publish("boxfiles.testing", __all__, globals())
+del publish

@@ -19,6 +19,7 @@ from typing import Any, Literal, final
 import trio
 
 from .._aio import Handler, ServerCall
+from .._api import NoPublicConstructor
 from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._server import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService, serve_service
@@ -219,7 +220,7 @@ def _without_data(chunk: UploadChunk) -> UploadChunk:
 
 
 @final
-class FaultServer:
+class FaultServer(metaclass=NoPublicConstructor):
     """A running fault-injecting Files server. Made by :func:`open_fault_server`.
 
     Attributes:
@@ -227,6 +228,8 @@ class FaultServer:
         root: the container root (for a single-container server).
         calls: a :class:`CallRecord` per call, in arrival order.
     """
+
+    _made_by = "boxfiles.testing.open_fault_server() or the fault_server fixture"
 
     def __init__(self, service: FilesService, root: Path, *, keep_data: bool) -> None:
         self.target = ""
@@ -334,7 +337,9 @@ async def open_fault_server(
     first_root = root if isinstance(root, (str, os.PathLike)) else next(iter(root.values()))
 
     def wrap(service: FilesService) -> Mapping[Method[Any, Any], Handler]:
-        servers.append(FaultServer(service, Path(os.fspath(first_root)), keep_data=keep_data))
+        servers.append(
+            FaultServer._create(service, Path(os.fspath(first_root)), keep_data=keep_data)
+        )
         return servers[0].handlers()
 
     async def run(task_status: trio.TaskStatus[str]) -> None:
