@@ -32,9 +32,9 @@ class Peer:
     events: list[Any] = field(default_factory=list)
 
     async def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data:
-            await self.conn.send(data)
+        data = memoryview(self.h2.data_to_send())
+        while data:  # a socket may take part of a large write
+            data = data[await self.conn.send(data) :]
 
     async def until(self, kind: type[Any]) -> Any:
         """Read until an event of ``kind`` arrives (EOF raises EOFError)."""
