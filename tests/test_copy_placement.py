@@ -12,24 +12,30 @@ import stat
 import sys
 import tarfile
 import textwrap
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import h2.events
 import pytest
 import trio
 
 import boxfiles
-from boxfiles._aio import ServerCall
+from boxfiles._aio import PEEK_WINDOW, ServerCall
 from boxfiles._client._place import MAX_PLACE_FDS
 from boxfiles._fs import remove_tree
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
-from boxfiles._wire import DEFAULT_CHUNK_SIZE
+from boxfiles._server import _pack
+from boxfiles._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD
 from boxfiles.testing import open_fault_server
 
 from .conftest import deep_chain
+from .h2peer import GRPC_HEADERS, Peer, framed, h2_server
 from .rig import scripted_server
+from .sink import upload as sink_upload
 from .test_copy import entry, listing, serve_bytes, tar_bytes
+from .test_peers import grpcio_server
 
 PROMPT = 10.0  # generous guard against a hang; never a speed claim
 MTIME = 1_600_000_000_000_000_000
@@ -407,21 +413,216 @@ async def test_copy_out_keeps_sticky_and_drops_set_id_bits_as_the_server(
 # ------------------------------------------------------- the probe's cost
 
 
-@pytest.mark.xfail(
-    strict=False,  # how far the server gets before the reset is a race
-    reason="needs a per-stream receive window of about one chunk for the probe "
-    "(connection settings live in _aio/); measured: three 1 MiB chunks",
-)
-async def test_copy_in_probe_costs_at_most_one_chunk(sock_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def packed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the pieces the reference server's packers hand on to be
+    sent (what left the packer), in order."""
+    pieces: list[int] = []
+    real_sink = _pack.Sink
+
+    class Counting:
+        def __init__(self, channel: trio.MemorySendChannel[bytes]) -> None:
+            self._channel = channel
+
+        async def send(self, piece: bytes) -> None:
+            await self._channel.send(piece)
+            pieces.append(len(piece))
+
+    def sink(channel: trio.MemorySendChannel[bytes], *args: Any) -> _pack.Sink:
+        return real_sink(Counting(channel), *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_pack, "Sink", sink)
+    return pieces
+
+
+@pytest.fixture(scope="session")
+def wide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root whose /big is a directory of 2000 empty files: about 3 MiB of
+    archive, all headers (the packer walks, it hardly reads). Made once:
+    creating it is most of what the tests using it cost."""
+    root = tmp_path_factory.mktemp("wide")
+    (root / "big").mkdir()
+    for i in range(2000):
+        (root / "big" / f"entry-{i:04}").touch()
+    return root
+
+
+@pytest.fixture(params=["big_file", "big_dir", "wide_dir"])
+def probed_root(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A root whose /big is a 16 MiB file, a directory holding one, or a
+    wide directory."""
+    if request.param == "wide_dir":
+        return cast(Path, request.getfixturevalue("wide_root"))
     root = tmp_path / "root"
-    (root / "big").mkdir(parents=True)
+    root.mkdir()
+    if request.param == "big_file":
+        big_file(root)
+    else:
+        big_dir(root)
+    return root
+
+
+def big_file(root: Path) -> None:
+    (root / "big").write_bytes(os.urandom(16 * DEFAULT_CHUNK_SIZE))
+
+
+def big_dir(root: Path) -> None:
+    (root / "big").mkdir()
     (root / "big" / "f").write_bytes(os.urandom(16 * DEFAULT_CHUNK_SIZE))
+
+
+async def test_copy_in_probe_costs_at_most_one_chunk(
+    sock_dir: Path, tmp_path: Path, packed: list[int], probed_root: Path
+) -> None:
     (tmp_path / "site").mkdir()
-    async with open_fault_server(root, f"unix:{sock_dir}/f.sock") as server:
+    async with open_fault_server(probed_root, f"unix:{sock_dir}/f.sock") as server:
         async with boxfiles.open_client(server.target) as client:
-            await client.copy_in(tmp_path / "site", "/big")
+            try:
+                await client.copy_in(tmp_path / "site", "/big")
+            except boxfiles.FailedPrecondition:
+                assert (probed_root / "big").is_file()  # a directory never replaces a file
         (probe,) = [c for c in server.calls if c.method == "download"]
+        # Ended, so its packing thread has returned (no thread outlives a call).
         with trio.fail_after(PROMPT):
             await probe.finished.wait()
     assert probe.reset
-    assert probe.bytes <= DEFAULT_CHUNK_SIZE
+    assert probe.sizes == [0]  # source_is_dir alone; no data chunk sent whole
+    assert sum(packed) <= DEFAULT_CHUNK_SIZE
+
+
+async def test_packing_waits_for_the_first_chunk_to_be_taken(
+    sock_dir: Path, packed: list[int], probed_root: Path
+) -> None:
+    # A probing client slow to reset: the packer must not run ahead meanwhile.
+    async with open_fault_server(probed_root, f"unix:{sock_dir}/f.sock") as server:
+        async with boxfiles.open_client(server.target) as client:
+            with trio.CancelScope() as scope:
+                async with client._calls.channel.open_call(DOWNLOAD, peek=True) as call:
+                    await call.send(DownloadRequest(src_path="/big"), end=True)
+                    first = await call.recv()
+                    assert first is not None
+                    assert first.HasField("source_is_dir")
+                    await trio.sleep(0.3)
+                    scope.cancel()  # leaving by cancellation resets the stream
+        (probe,) = server.calls
+        with trio.fail_after(PROMPT):
+            await probe.finished.wait()
+    assert probe.reset
+    assert sum(packed) <= DEFAULT_CHUNK_SIZE
+
+
+async def test_a_download_still_streams_whole(
+    sock_dir: Path, tmp_path: Path, packed: list[int]
+) -> None:
+    # The packer waits for the first chunk to be taken, then runs on.
+    root = tmp_path / "root"
+    root.mkdir()
+    big_dir(root)
+    async with open_fault_server(root, f"unix:{sock_dir}/f.sock") as server:
+        async with boxfiles.open_client(server.target) as client:
+            await client.copy_out("/big", tmp_path / "out")
+        (call,) = server.calls
+    assert (tmp_path / "out" / "f").read_bytes() == (root / "big" / "f").read_bytes()
+    assert call.sizes[0] == 0
+    assert sum(call.sizes) == sum(packed) > 16 * DEFAULT_CHUNK_SIZE
+
+
+def guest_like(request: DownloadRequest, context: Any) -> Iterator[DownloadChunk]:
+    """A grpcio Download that sends as the real guest does: source_is_dir
+    with the first chunk's data, then 15 more chunks."""
+    data = bytes(DEFAULT_CHUNK_SIZE)
+    yield DownloadChunk(data=data, source_is_dir=True)
+    for _ in range(15):
+        yield DownloadChunk(data=data)
+
+
+@asynccontextmanager
+async def counting_proxy(listen: Path, target: Path) -> AsyncIterator[list[int]]:
+    """A unix-socket relay to ``target``; yields the count (one item) of
+    bytes the server got onto the wire. The relay reads only as the
+    client's side takes its bytes, so HTTP/2 flow control still holds."""
+    counted = [0]
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(str(listen))
+    listener.listen(1)
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream, count: bool) -> None:
+        while data := await src.receive_some(1 << 16):
+            if count:
+                counted[0] += len(data)
+            await dst.send_all(data)
+
+    async def relay() -> None:
+        conn, _ = await listener.accept()
+        client = trio.SocketStream(conn)
+        server = await trio.open_unix_socket(str(target))
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, server, False)
+            nursery.start_soon(pump, server, client, True)
+
+    with listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            yield counted
+            nursery.cancel_scope.cancel()
+
+
+async def test_probe_of_a_guest_like_grpcio_server_costs_its_first_chunk(
+    sock_dir: Path,
+) -> None:
+    with grpcio_server(sock_dir / "g.sock", sink_upload, guest_like):
+        async with counting_proxy(sock_dir / "p.sock", sock_dir / "g.sock") as counted:
+            async with boxfiles.open_client(f"unix:{sock_dir}/p.sock") as client:
+                with trio.fail_after(PROMPT):
+                    assert await client._calls.remote_kind("/big", container_id=None) == "dir"
+                await trio.sleep(0.2)  # room for grpcio to send on, if it could
+    # The first message, at most two windows more (the frame that ends the
+    # message, then what its acknowledgement allows), and frame overhead.
+    assert DEFAULT_CHUNK_SIZE < counted[0] <= DEFAULT_CHUNK_SIZE + 2 * PEEK_WINDOW + 4096
+
+
+async def test_probe_window_bounds_what_a_guest_like_peer_gets_onto_the_wire(
+    sock_dir: Path,
+) -> None:
+    # The same peer frame by frame: every byte it may send past the first
+    # message is one the client's window allowed.
+    first = framed(
+        DownloadChunk(data=bytes(DEFAULT_CHUNK_SIZE), source_is_dir=True).SerializeToString()
+    )
+    rest = framed(DownloadChunk(data=bytes(DEFAULT_CHUNK_SIZE)).SerializeToString()) * 15
+    sent = 0
+    reset = trio.Event()
+
+    async def serve(peers: trio.MemoryReceiveChannel[Peer]) -> None:
+        nonlocal sent
+        peer = await peers.receive()
+        sid = (await peer.until(h2.events.RequestReceived)).stream_id
+        await peer.until(h2.events.StreamEnded)
+        peer.h2.send_headers(sid, GRPC_HEADERS)
+        view = memoryview(first + rest)
+        while view:
+            size = min(peer.h2.local_flow_control_window(sid), peer.h2.max_outbound_frame_size)
+            if size > 0:
+                peer.h2.send_data(sid, view[:size].tobytes())
+                await peer.flush()
+                sent += size
+                view = view[size:]
+                continue
+            data = await peer.conn.recv(1 << 20)
+            events = peer.h2.receive_data(data)
+            await peer.flush()
+            if any(isinstance(e, h2.events.StreamReset) for e in events):
+                reset.set()
+                return
+            if not data:
+                return
+
+    async with h2_server(sock_dir / "h2.sock") as (target, peers), trio.open_nursery() as nursery:
+        nursery.start_soon(serve, peers)
+        async with boxfiles.open_client(target) as client:
+            with trio.fail_after(PROMPT):
+                assert await client._calls.remote_kind("/big", container_id=None) == "dir"
+            with trio.fail_after(PROMPT):
+                await reset.wait()
+        nursery.cancel_scope.cancel()
+    assert len(first) <= sent <= len(first) + 2 * PEEK_WINDOW

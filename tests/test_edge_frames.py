@@ -21,7 +21,8 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._proto.files_pb2 import UploadChunk, UploadResponse
+from boxfiles._aio import PEEK_WINDOW, STREAM_WINDOW
+from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._wire import DOWNLOAD, MAX_MESSAGE_BYTES, UPLOAD
 
 from .conftest import BytesReader
@@ -252,3 +253,30 @@ async def test_a_client_gone_mid_download_costs_one_line(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.name for r in loud] == ["boxfiles.server"] * 3
     assert all("outcome=CANCELLED" in r.getMessage() for r in loud)
+
+
+@pytest.mark.parametrize("peek", [False, True])
+async def test_a_call_has_its_whole_window_before_its_request(sock_dir: Path, peek: bool) -> None:
+    # The peer can send STREAM_WINDOW as soon as it has the request: no
+    # round trip to widen it. Only a peek keeps HTTP/2's opening window.
+    async with h2_server(sock_dir / "h2.sock") as (target, peers), trio.open_nursery() as nursery:
+        windows: list[int] = []
+
+        async def serve() -> None:
+            peer = await peers.receive()
+            sid = (await peer.until(h2.events.RequestReceived)).stream_id
+            await peer.until(h2.events.StreamEnded)
+            windows.append(peer.h2.local_flow_control_window(sid))
+            peer.h2.send_headers(sid, [*GRPC_HEADERS, ("grpc-status", "0")], end_stream=True)
+            await peer.flush()
+            await trio.sleep_forever()
+
+        nursery.start_soon(serve)
+        async with boxfiles.open_client(target) as client:
+            with trio.fail_after(PROMPT):
+                async with client._calls.channel.open_call(DOWNLOAD, peek=peek) as call:
+                    await call.send(DownloadRequest(src_path="/d"), end=True)
+                    assert await call.recv() is None
+                    await call.finish()
+        nursery.cancel_scope.cancel()
+    assert windows == [PEEK_WINDOW if peek else STREAM_WINDOW]

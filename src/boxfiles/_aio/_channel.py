@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import grpclib.client
+import grpclib.config
 import h2.errors
 import trio
 from google.protobuf.message import Message
@@ -36,6 +37,18 @@ from ._frames import FRAME_LIMIT, FinishedEarly
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
 log = logging.getLogger("boxfiles")
+
+#: Receive window of each call's stream (HTTP/2 flow control: how far the
+#: server may send ahead of what the client has read). grpclib's default,
+#: measured right (docs/contract.md, "Frames and windows").
+STREAM_WINDOW = 4 * 1024 * 1024
+
+#: Receive window of a peek (:meth:`Channel.open_call`), never widened: the
+#: server gets at most this far past the first message before the reset.
+#: HTTP/2's own initial window, which every stream opens with: a stream's
+#: window can be widened on its own but not narrowed, so the other calls
+#: widen theirs to STREAM_WINDOW as they open.
+PEEK_WINDOW = 65_535
 
 SendT = TypeVar("SendT", bound=Message)
 RecvT = TypeVar("RecvT", bound=Message)
@@ -166,12 +179,18 @@ class Channel:
 
     @asynccontextmanager
     async def open_call(
-        self, method: Method[SendT, RecvT], *, grpc_timeout: float | None = None
+        self,
+        method: Method[SendT, RecvT],
+        *,
+        grpc_timeout: float | None = None,
+        peek: bool = False,
     ) -> AsyncIterator[ClientCall[SendT, RecvT]]:
         """Open one RPC; leaving the block with an exception resets it.
 
         ``grpc_timeout`` is sent to the peer as ``grpc-timeout``; enforcing
-        it locally is the caller's job (a trio deadline).
+        it locally is the caller's job (a trio deadline). ``peek`` is for a
+        call that reads a message or so and resets: its receive window stays
+        at PEEK_WINDOW instead of STREAM_WINDOW.
 
         On a clean exit the caller must already have read the final status
         (:meth:`ClientCall.finish`). On any exception, trio.Cancelled
@@ -187,7 +206,7 @@ class Channel:
         await run(self._loop, stream.__aenter__(), self._where)
         sent = False
         try:
-            await run(self._loop, stream.send_request(), self._where)
+            await run(self._loop, _send_request(stream, peek), self._where)
             sent = True
             call = ClientCall(self._loop, stream, method.reply_type, self._where)
             yield call
@@ -206,6 +225,14 @@ class Channel:
                 await run(self._loop, stream.__aexit__(FinishedEarly, early, None), self._where)
             else:
                 await run(self._loop, stream.__aexit__(None, None, None), self._where)
+
+
+async def _send_request(stream: grpclib.client.Stream[Any, Any], peek: bool) -> None:
+    await stream.send_request()
+    # In the same step as the HEADERS went out: nothing the peer sent can
+    # have closed the stream yet.
+    if not peek:
+        _internals.widen_receive_window(stream, STREAM_WINDOW - PEEK_WINDOW)
 
 
 async def _reset(
@@ -230,11 +257,14 @@ def _tune(protocol: Any) -> None:
 
 async def _new_channel(target: Target) -> grpclib.client.Channel:
     # Made on the loop: grpclib's Channel takes the running loop as its own.
+    # Every stream opens with PEEK_WINDOW; the connection's window stays
+    # grpclib's 4 MiB.
+    config = grpclib.config.Configuration(http2_stream_window_size=PEEK_WINDOW)
     if isinstance(target, UnixTarget):
-        channel = grpclib.client.Channel(path=target.path)
+        channel = grpclib.client.Channel(path=target.path, config=config)
         _internals.set_authority(channel, "localhost")
         return channel
-    return grpclib.client.Channel(target.host, target.port)
+    return grpclib.client.Channel(target.host, target.port, config=config)
 
 
 async def _close_channel(channel: grpclib.client.Channel) -> None:

@@ -150,6 +150,17 @@ def h2_parts(
     return h2_stream._h2_connection, h2_stream._transport
 
 
+def widen_receive_window(stream: grpclib.client.Stream[Any, Any], increment: int) -> None:
+    """Let the peer send ``increment`` more bytes on this stream than its
+    opening window: h2's WINDOW_UPDATE, sent now, right behind the HEADERS,
+    so the peer has it before the request and never waits on it. grpclib
+    sets one window for all streams (a setting), none per stream."""
+    h2_stream = stream._stream
+    assert h2_stream.id is not None  # headers went first
+    h2_stream._h2_connection.increment_flow_control_window(increment, stream_id=h2_stream.id)
+    h2_stream.connection.flush()
+
+
 def client_initial_metadata_pending(stream: grpclib.client.Stream[Any, Any]) -> bool:
     return not stream._recv_initial_metadata_done
 

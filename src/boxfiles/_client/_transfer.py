@@ -96,9 +96,11 @@ class Calls:
 
     async def remote_kind(self, path: str, *, container_id: str | None) -> RemoteKind:
         """What ``path`` is in the box, learnt from the first chunk of a
-        download that is then reset (it costs at most a chunk of packing).
-        "unknown" when the server does not say (a legacy peer, or one that
-        refuses the download)."""
+        download that is then reset. A peek: the server gets at most
+        PEEK_WINDOW bytes past that chunk onto the wire (the reference
+        server's first chunk carries no data, so it packs at most one
+        chunk). "unknown" when the server does not say (a legacy peer, or
+        one that refuses the download)."""
         # Followed, as the server resolves an upload's dest_path.
         request = DownloadRequest(
             src_path=path, container_id=check_container_id(container_id), follow_symlinks=True
@@ -106,7 +108,9 @@ class Calls:
         kind: RemoteKind = "missing"
         with self.deadline(), trio.CancelScope() as done:
             try:
-                async with self.channel.open_call(DOWNLOAD, grpc_timeout=self.timeout) as call:
+                async with self.channel.open_call(
+                    DOWNLOAD, grpc_timeout=self.timeout, peek=True
+                ) as call:
                     await call.send(request, end=True)
                     body = await call.recv_encoded()
                     if body is not None:

@@ -34,14 +34,23 @@ class Sink:
     """A blocking writer, for a worker thread, that sends ``chunk_size``
     pieces to a trio channel (waiting while the channel is full).
 
+    After its first piece it waits for ``first_sent``: packing runs ahead
+    of the client only once the client has taken a whole chunk, so one that
+    resets after the first message (copy_in's probe) costs one chunk of
+    packing, not a channel's worth.
+
     Sending goes through ``trio.from_thread.run``, so it inherits the host
     task's cancellation: a cancelled download stops the thread at its next
     send.
     """
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], chunk_size: int) -> None:
+    def __init__(
+        self, channel: trio.MemorySendChannel[bytes], chunk_size: int, first_sent: trio.Event
+    ) -> None:
         self._channel = channel
         self._chunk_size = chunk_size
+        self._first_sent = first_sent
+        self._waited = False
         self._buffer = bytearray()
 
     def write(self, data: bytes) -> None:
@@ -50,6 +59,9 @@ class Sink:
             piece = bytes(self._buffer[: self._chunk_size])
             del self._buffer[: self._chunk_size]
             trio.from_thread.run(self._channel.send, piece)
+            if not self._waited:
+                self._waited = True
+                trio.from_thread.run(self._first_sent.wait)
 
     def flush(self) -> None:
         if self._buffer:

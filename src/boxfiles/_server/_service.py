@@ -404,25 +404,29 @@ class FilesService:
         transfer: _Transfer,
     ) -> None:
         send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+        first_sent = trio.Event()
 
         async def pack() -> None:
             async with send_chunks:
+                sink = _pack.Sink(send_chunks, self._chunk_size, first_sent)
                 try:
-                    await transfer.run_sync(
-                        lambda: _pack.pack(plan, _pack.Sink(send_chunks, self._chunk_size))
-                    )
+                    await transfer.run_sync(lambda: _pack.pack(plan, sink))
                 except OSError as err:
                     raise _remote_from_os(err, f"reading {transfer.path}") from err
 
         async def stream() -> None:
-            first = True
+            # source_is_dir goes first, alone: a client that wants only that
+            # (copy_in's probe) resets before any data is sent.
+            await transfer.from_client(
+                call.send(DownloadChunk(source_is_dir=plan.source_is_dir)),
+                "the client took no data",
+            )
             async with receive_chunks:
                 async for data in receive_chunks:
-                    message = DownloadChunk(data=data)
-                    if first:
-                        message.source_is_dir = plan.source_is_dir
-                        first = False
+                    await transfer.from_client(
+                        call.send(DownloadChunk(data=data)), "the client took no data"
+                    )
                     transfer.bytes += len(data)
-                    await transfer.from_client(call.send(message), "the client took no data")
+                    first_sent.set()
 
         await supervise(pack, stream)

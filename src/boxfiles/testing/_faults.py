@@ -108,7 +108,7 @@ class CallRecord:
     fault: Fault | None
     #: Upload: each chunk as received with its data removed; download: the request.
     messages: list[UploadChunk | DownloadRequest] = field(default_factory=list)
-    #: Data bytes of each chunk, received (upload) or sent (download).
+    #: Data bytes of each chunk, received (upload) or sent whole (download).
     sizes: list[int] = field(default_factory=list)
     #: The upload's data, when the server was asked to keep it.
     data: bytearray | None = None
@@ -195,7 +195,11 @@ class _FaultyCall:
             await self._strike()
             if isinstance(self._fault, Corrupt):
                 message.data = bytes(0xA5 ^ (i & 0xFF) for i in range(len(message.data)))
+            await self._call.send(message)
+            # Counted once sent whole: a send still waiting for the client's
+            # window when the call ends did not get its message out.
             self._record.sizes.append(len(message.data))
+            return
         await self._call.send(message)
 
     async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
