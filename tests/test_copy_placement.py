@@ -7,6 +7,7 @@ replaces a file."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import sys
@@ -626,3 +627,21 @@ async def test_probe_window_bounds_what_a_guest_like_peer_gets_onto_the_wire(
                 await reset.wait()
         nursery.cancel_scope.cancel()
     assert len(first) <= sent <= len(first) + 2 * PEEK_WINDOW
+
+
+async def test_routine_probes_are_not_warnings(
+    server: str, root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    big_dir(root)
+    (root / "file").write_bytes(os.urandom(4 * DEFAULT_CHUNK_SIZE))
+    (tmp_path / "site").mkdir()
+    with caplog.at_level(logging.INFO, logger="boxfiles.server"):
+        async with boxfiles.open_client(server) as client:
+            await client.copy_in(tmp_path / "site", "/big")
+            await client.copy_in(tmp_path / "site", "/missing")
+            with pytest.raises(boxfiles.FailedPrecondition):
+                await client.copy_in(tmp_path / "site", "/file")
+        await trio.sleep(0.2)  # the server's last log lines
+    downloads = [r for r in caplog.records if r.getMessage().startswith("download ")]
+    assert len(downloads) == 3
+    assert all(r.levelno == logging.INFO for r in downloads)

@@ -249,10 +249,12 @@ async def test_a_client_gone_mid_download_costs_one_line(
                 await client.download_tar("/big", Stall())
     # Let the server see each connection go.
     await trio.sleep(0.5)
-    # The server's own line for each cancelled call, and nothing from below it.
-    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [r.name for r in loud] == ["boxfiles.server"] * 3
-    assert all("outcome=CANCELLED" in r.getMessage() for r in loud)
+    # The server's own line for each cancelled call (INFO: a client may stop
+    # a download), and nothing loud from below it.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    ours = [r.getMessage() for r in caplog.records if r.name == "boxfiles.server"]
+    assert len(ours) == 3
+    assert all("outcome=CANCELLED" in line for line in ours)
 
 
 @pytest.mark.parametrize("peek", [False, True])

@@ -107,8 +107,9 @@ def _remote_from_os(err: OSError, what: str) -> RemoteError:
 @final
 class _Transfer:
     """One transfer's own resources: its worker-thread slot and its idle
-    timeout; and its one log line: INFO when it succeeded or was a download
-    of nothing (NOT_FOUND), WARNING with the status otherwise."""
+    timeout; and its one log line: INFO when it succeeded, or was a download
+    of nothing (NOT_FOUND) or one the client reset; WARNING with the status
+    otherwise."""
 
     def __init__(self, kind: str, idle_timeout: float) -> None:
         self.kind = kind
@@ -159,17 +160,17 @@ class _Transfer:
             self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, NotFound) and self.kind == "download":
-            # Routine: copy_in probes its destination with a Download first.
-            self._log(logging.INFO, f"{exc.status.name}: {exc.message}")
-            return
         if isinstance(exc, RemoteError):
             outcome = f"{exc.status.name}: {exc.message}"
         elif isinstance(exc, trio.Cancelled):
             outcome = "CANCELLED: stream reset or server shutting down"
         else:
             outcome = f"INTERNAL: {exc!r}"
-        self._log(logging.WARNING, outcome)
+        # Routine: copy_in probes its destination with a Download that it
+        # resets after the first message, or that finds nothing. A download
+        # changes nothing, so a client stopping one is its own business.
+        routine = self.kind == "download" and isinstance(exc, (NotFound, trio.Cancelled))
+        self._log(logging.INFO if routine else logging.WARNING, outcome)
 
 
 @final
