@@ -252,6 +252,7 @@ async def _reset(
 
 def _tune(protocol: Any) -> None:
     _internals.announce_frame_size(protocol, FRAME_LIMIT)
+    _internals.receive_frames_as_views(protocol)
     _internals.keep_complete_responses(protocol)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpclib.client
 import grpclib.exceptions
@@ -22,8 +23,11 @@ import grpclib.server
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
+import hyperframe.exceptions
 import hyperframe.frame
 
 # -- asyncio -------------------------------------------------------------------
@@ -122,6 +126,124 @@ def send_data_frame(
     h2_connection.outbound_flow_control_window -= size
     header = _DATA_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA_FRAME_TYPE, 0, stream_id)
     return h2_connection.data_to_send() + header, payload
+
+
+# -- h2: received frames as views ----------------------------------------------
+
+#: A received DATA payload is kept as a view of the bytes the transport read
+#: (no copy) only when it is at least this share of them: a view keeps the
+#: whole read alive, so a peer sending tiny DATA frames among other bytes
+#: cannot make the buffered data pin more than 4 times its size.
+VIEW_MIN_SHARE = 4
+
+
+class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's FrameBuffer without its copies of DATA payloads.
+
+    h2 copies every received byte three times before its DataReceived event
+    (into its bytearray, a slice of it per frame, ``tobytes`` in hyperframe's
+    ``parse_body``): most of what a download costs in Python. This one keeps
+    the reads and hands a DATA frame's payload on as a view of the read it
+    came in; only a frame split across reads is joined (one copy of it).
+    Everything else is h2's: its frame-size check, its CONTINUATION
+    handling, its frame classes. h2 has no option for it; its connection
+    reads ``incoming_buffer`` on every ``receive_data``.
+    """
+
+    def __init__(self, old: h2.frame_buffer.FrameBuffer) -> None:
+        super().__init__()
+        self.max_frame_size = old.max_frame_size
+        self._preamble = old._preamble
+        self._preamble_len = old._preamble_len
+        self._reads: deque[memoryview] = deque()  # received, not yet parsed
+        self._size = 0  # bytes in _reads
+
+    def add_data(self, data: Any) -> None:
+        # A view of a mutable buffer would change under the frames it made.
+        view = memoryview(data if type(data) is bytes else bytes(data))
+        if self._preamble_len:  # as h2 checks a server's preamble
+            n = min(self._preamble_len, len(view))
+            if self._preamble[:n] != view[:n]:
+                raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+            view = view[n:]
+            self._preamble_len -= n
+            self._preamble = self._preamble[n:]
+        if view:
+            self._reads.append(view)
+            self._size += len(view)
+
+    def _take(self, size: int) -> memoryview:
+        """The next ``size`` buffered bytes: a view of one read, or a join
+        of the reads they span."""
+        self._size -= size
+        first = self._reads[0]
+        if len(first) > size:
+            self._reads[0] = first[size:]
+            return first[:size]
+        if len(first) == size:
+            return self._reads.popleft()
+        pieces = []
+        while size:
+            piece = self._reads.popleft()
+            if len(piece) > size:
+                self._reads.appendleft(piece[size:])
+                piece = piece[:size]
+            pieces.append(piece)
+            size -= len(piece)
+        return memoryview(b"".join(pieces))
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        while True:  # a loop where h2 recurses past a CONTINUATION
+            if self._size < 9:
+                raise StopIteration
+            first = self._reads[0]
+            if len(first) >= 9:
+                header = first[:9]
+            else:  # a header split across reads: copy its nine bytes only
+                joined = bytearray()
+                for piece in self._reads:
+                    joined += piece[: 9 - len(joined)]
+                    if len(joined) == 9:
+                        break
+                header = memoryview(bytes(joined))
+            try:
+                frame, length = hyperframe.frame.Frame.parse_frame_header(header)
+            except (
+                hyperframe.exceptions.InvalidDataError,
+                hyperframe.exceptions.InvalidFrameError,
+            ) as err:
+                raise h2.exceptions.ProtocolError(
+                    f"Received frame with invalid header: {err!s}"
+                ) from err
+            # Refused on its header, not once a frame too long is buffered.
+            self._validate_frame_length(length)
+            if self._size < 9 + length:
+                raise StopIteration
+            body = self._take(9 + length)[9:]
+            try:
+                if (
+                    isinstance(frame, hyperframe.frame.DataFrame)
+                    and "PADDED" not in frame.flags
+                    and length * VIEW_MIN_SHARE >= len(cast(bytes, body.obj))
+                ):
+                    frame.data = body  # type: ignore[assignment]
+                    frame.body_len = length
+                else:
+                    frame.parse_body(body)
+            except hyperframe.exceptions.InvalidDataError as err:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+            except hyperframe.exceptions.InvalidFrameError as err:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+            complete = self._update_header_buffer(frame)
+            if complete is not None:
+                return complete
+
+
+def receive_frames_as_views(protocol: grpclib.protocol.H2Protocol) -> None:
+    """Give a new connection's h2 the copy-free frame buffer above (before
+    it has received anything)."""
+    h2_connection: h2.connection.H2Connection = protocol.connection._connection
+    h2_connection.incoming_buffer = ViewFrameBuffer(h2_connection.incoming_buffer)
 
 
 # -- grpclib: streams ----------------------------------------------------------

@@ -163,6 +163,7 @@ class _Service:
 
 def _tune(protocol: Any) -> None:
     _internals.announce_frame_size(protocol, FRAME_LIMIT)
+    _internals.receive_frames_as_views(protocol)
 
 
 async def _start(handlers: list[_Service], sock: socket.socket) -> grpclib.server.Server:
