@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import grpc
@@ -12,6 +14,7 @@ import trio
 
 from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
+from boxfiles._server._pack import Sink
 from boxfiles._target import UnixTarget
 from boxfiles._wire import DOWNLOAD
 
@@ -92,3 +95,31 @@ async def test_grpcio_client_interop(server: str, root: Path) -> None:
         data = tar.extractfile(info)
         assert data is not None
         assert (info.name, data.read()) == ("data.bin", content)
+
+
+async def test_the_packer_copies_each_byte_once() -> None:
+    # Sink joins each chunk from views of what it was given: besides the
+    # pieces it sends, it allocates nothing the size of a chunk.
+    chunk = 1024 * 1024
+    header = b"h" * 512
+    block = bytes(range(256)) * (chunk // 256)
+    send, receive = trio.open_memory_channel[bytes](math.inf)
+    first_sent = trio.Event()
+    first_sent.set()  # the client took the first piece at once
+
+    def pack() -> int:
+        sink = Sink(send, chunk, first_sent)
+        tracemalloc.start()
+        try:
+            for data in (header, block, block):
+                sink.write(data)
+            sink.flush()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak = await trio.to_thread.run_sync(pack)
+    pieces = [receive.receive_nowait() for _ in range(3)]
+    assert [len(piece) for piece in pieces] == [chunk, chunk, len(header)]
+    assert b"".join(pieces) == header + block + block
+    assert peak < 2 * chunk + chunk // 4  # the pieces sent, and small change

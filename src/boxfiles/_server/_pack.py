@@ -51,22 +51,33 @@ class Sink:
         self._chunk_size = chunk_size
         self._first_sent = first_sent
         self._waited = False
-        self._buffer = bytearray()
+        # Views of the written bytes not sent yet (under chunk_size of them):
+        # each piece is joined from them, the one copy of each byte here.
+        self._pending: list[memoryview] = []
+        self._pending_size = 0
 
     def write(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._chunk_size:
-            piece = bytes(self._buffer[: self._chunk_size])
-            del self._buffer[: self._chunk_size]
+        view = memoryview(data)
+        while self._pending_size + len(view) >= self._chunk_size:
+            take = self._chunk_size - self._pending_size
+            self._pending.append(view[:take])
+            view = view[take:]
+            piece = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
             trio.from_thread.run(self._channel.send, piece)
             if not self._waited:
                 self._waited = True
                 trio.from_thread.run(self._first_sent.wait)
+        if view:
+            self._pending.append(view)
+            self._pending_size += len(view)
 
     def flush(self) -> None:
-        if self._buffer:
-            trio.from_thread.run(self._channel.send, bytes(self._buffer))
-            self._buffer.clear()
+        if self._pending:
+            trio.from_thread.run(self._channel.send, b"".join(self._pending))
+            self._pending.clear()
+            self._pending_size = 0
 
 
 @final
