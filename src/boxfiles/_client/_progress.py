@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -99,8 +99,8 @@ async def metered_reader(
 def metered_writer(writer: ChunkWriter, meter: Meter) -> ChunkWriter:
     """``writer``, counting each chunk written into ``meter``."""
 
-    async def write(data: bytes | memoryview) -> None:
-        await writer.write(data)
-        meter.add(len(data))
+    async def write(pieces: Sequence[bytes | memoryview]) -> None:
+        await writer.write(pieces)
+        meter.add(sum(len(data) for data in pieces))
 
     return ChunkWriter(write)

@@ -31,7 +31,14 @@ from .._wire import (
     encode_metadata_only,
     size_hint,
 )
-from ._local import BufferPool, ChunkReader, ChunkWriter, Destination, open_destination
+from ._local import (
+    WRITE_BATCH_BYTES,
+    BufferPool,
+    ChunkReader,
+    ChunkWriter,
+    Destination,
+    open_destination,
+)
 from ._progress import Meter, metered_writer
 
 #: What a path in the box is, as copy_in's destination probe learns it.
@@ -228,7 +235,18 @@ async def _download(
     async def write() -> None:
         async with receive_chunks:
             async for data in receive_chunks:
-                await writer.write(data)
+                # Small chunks already queued go in the same write: see
+                # WRITE_BATCH_BYTES.
+                batch = [data]
+                size = len(data)
+                while size < WRITE_BATCH_BYTES:
+                    try:
+                        data = receive_chunks.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(data)
+                    size += len(data)
+                await writer.write(batch)
 
     await supervise(receive, write)
     return source_is_dir
