@@ -89,7 +89,11 @@ async def scripted_server(
         async def run(task_status: trio.TaskStatus[None]) -> None:
             with server_scope:
                 await serve(
-                    sock, {UPLOAD: on_upload, DOWNLOAD: on_download}, task_status=task_status
+                    sock,
+                    {UPLOAD: on_upload, DOWNLOAD: on_download},
+                    max_connections=64,
+                    connection_idle_timeout=300.0,
+                    task_status=task_status,
                 )
 
         async with trio.open_nursery() as nursery:

@@ -24,7 +24,7 @@ from ._errors import (
     Unavailable,
     UnsafeArchive,
 )
-from ._server import IDLE_TIMEOUT, MAX_TRANSFERS
+from ._server import CONNECTION_IDLE_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_TRANSFERS
 from ._supervise import one_error
 from ._target import TcpTarget, parse_target
 from ._wire import check_container_id, check_path
@@ -123,6 +123,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="fail a transfer whose client makes no progress for this long: "
         f"DEADLINE_EXCEEDED ({IDLE_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help=f"hold at most N connections open, close more at once ({MAX_CONNECTIONS})",
+    )
+    serve.add_argument(
+        "--connection-idle-timeout",
+        type=_positive_float,
+        default=CONNECTION_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that receives nothing and runs no call for this long "
+        f"({CONNECTION_IDLE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--allow-remote",
@@ -285,6 +300,8 @@ def _serve(args: argparse.Namespace) -> int:
                     max_upload_bytes=args.max_upload_bytes,
                     max_transfers=args.max_transfers,
                     idle_timeout=args.idle_timeout,
+                    max_connections=args.max_connections,
+                    connection_idle_timeout=args.connection_idle_timeout,
                     allow_remote=args.allow_remote,
                     task_status=task_status,
                 )

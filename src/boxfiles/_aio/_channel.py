@@ -27,7 +27,7 @@ import h2.errors
 import trio
 from google.protobuf.message import Message
 
-from .._errors import FilesError, IncompleteTransfer, RemoteError, remote_error
+from .._errors import FilesError, IncompleteTransfer, RemoteError, Unavailable, remote_error
 from .._supervise import one_error
 from .._target import Target, UnixTarget
 from .._wire import Method
@@ -92,6 +92,13 @@ class ClientCall(Generic[SendT, RecvT]):
         except RemoteError as found:
             found.__context__ = exc
             return found
+        refused = _internals.refused_by_goaway(_internals.h2_stream_of(self._stream))
+        if refused is not None:
+            # Nothing of the call was processed: the server is there but
+            # will not take it now, as gRPC reports a refused stream.
+            unavailable = Unavailable(f"the server refused the call {self._where}: {refused}")
+            unavailable.__context__ = exc
+            return unavailable
         return exc
 
     def raise_for_status(self) -> None:
@@ -254,6 +261,7 @@ def _tune(protocol: Any) -> None:
     _internals.announce_frame_size(protocol, FRAME_LIMIT)
     _internals.receive_frames_as_views(protocol)
     _internals.keep_complete_responses(protocol)
+    _internals.remember_goaway(protocol)
 
 
 async def _new_channel(target: Target) -> grpclib.client.Channel:

@@ -330,6 +330,13 @@ def abort_connection(stream: grpclib.server.Stream[Any, Any]) -> None:
     stream._stream.connection._transport.abort()
 
 
+def serves_no_call(protocol: grpclib.protocol.H2Protocol) -> bool:
+    """Whether a server connection has no call in flight. grpclib tracks its
+    handler tasks for its own close (``Handler.check_closed``, public in
+    name but undocumented) and offers no other count."""
+    return cast(grpclib.server.Handler, protocol.handler).check_closed()
+
+
 def set_authority(channel: grpclib.client.Channel, authority: str) -> None:
     """grpclib derives ``:authority`` from host and port, and for a unix
     socket from neither; peers behind a unix socket (tonic/hyper) reset
@@ -377,3 +384,39 @@ def finished_early(h2_stream: grpclib.protocol.Stream) -> bool:
     """The peer completed its response and then reset the stream (NO_ERROR):
     it wants nothing more of the request."""
     return getattr(h2_stream, "boxfiles_finished_early", False)
+
+
+# -- grpclib: why a connection went away -----------------------------------
+
+
+def remember_goaway(protocol: grpclib.protocol.H2Protocol) -> None:
+    """Keep the GOAWAY a peer sends on its connection, for :func:`refused_by_goaway`.
+
+    grpclib turns a GOAWAY into "Connection lost" for every stream, and
+    forgets its code, its last stream id and its text. grpclib has no hook
+    for it but its processor's dispatch table.
+    """
+    processor = protocol.processor
+    on_goaway: Callable[[h2.events.ConnectionTerminated], None] = processor.processors[  # type: ignore[assignment]
+        h2.events.ConnectionTerminated
+    ]
+
+    def connection_terminated(event: h2.events.ConnectionTerminated) -> None:
+        processor.connection.boxfiles_goaway = event  # type: ignore[attr-defined]
+        on_goaway(event)
+
+    processor.processors[h2.events.ConnectionTerminated] = connection_terminated
+
+
+def refused_by_goaway(h2_stream: grpclib.protocol.Stream) -> str | None:
+    """Why the peer refused this stream, if a GOAWAY it sent names no stream
+    of this one's or later (nothing of it was processed)."""
+    event: h2.events.ConnectionTerminated | None = getattr(
+        h2_stream.connection, "boxfiles_goaway", None
+    )
+    if event is None or h2_stream.id is None or h2_stream.id <= (event.last_stream_id or 0):
+        return None
+    code = event.error_code or 0
+    name = code.name if isinstance(code, h2.errors.ErrorCodes) else str(code)
+    text = (event.additional_data or b"").decode("utf-8", "replace")
+    return f"{text} (GOAWAY {name})" if text else f"GOAWAY {name}"

@@ -30,6 +30,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar, final
 
 import trio
@@ -74,6 +75,31 @@ ACCEPT_BACKOFF = 1.0
 
 #: Callbacks run per turn of the driver before it lets other trio tasks run.
 _BATCH = 1024
+
+#: Seconds a connection refused at the cap is read from (and what it sent
+#: dropped) after its refusal, before it is closed: closing with its
+#: request unread would reset it, and a reset can reach the client before
+#: the refusal does. At most MAX_REFUSING linger at once; more are closed
+#: at once.
+REFUSAL_LINGER = 1.0
+MAX_REFUSING = 16
+
+
+@final
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a listener enforces on the connections it accepts."""
+
+    #: Connections open at once; one more is sent ``refusal`` and closed.
+    max_connections: int
+    #: Seconds without a byte received and without a call in flight after
+    #: which a connection is closed (checked every half of it).
+    idle_timeout: float
+    #: Whether a connection's protocol has no call in flight.
+    is_idle: Callable[[asyncio.BaseProtocol], bool]
+    #: Bytes sent, best effort, to a connection refused at the cap.
+    refusal: bytes
+
 
 _Entry = tuple[asyncio.Handle, Callable[..., object], tuple[Any, ...], contextvars.Context]
 
@@ -120,6 +146,8 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         #: Called with each new protocol once its connection is made (the
         #: bridge tunes HTTP/2 settings there).
         self.on_connection: Callable[[asyncio.BaseProtocol], None] | None = None
+        #: Applied by listeners made after it is set; None: no limits.
+        self.connection_limits: ConnectionLimits | None = None
 
     # -- running callbacks ---------------------------------------------------
 
@@ -425,7 +453,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
     ) -> Listener:
         if sock is None or host is not None or port is not None or kwargs.get("ssl"):
             raise NotImplementedError("only an already listening socket is supported")
-        listener = Listener(self, sock, protocol_factory)
+        listener = Listener(self, sock, protocol_factory, self.connection_limits)
         self.start_soon(listener.run)
         return listener
 
@@ -536,6 +564,8 @@ class SocketTransport(asyncio.Transport):
         self._reading.set()
         self._writer: trio.lowlevel.Task | None = None
         self._flushed = trio.Event()  # set when the reader should stop waiting
+        #: Bytes received so far: how a listener tells an idle connection.
+        self.received = 0
         loop._transports.add(self)
 
     def start(self) -> None:
@@ -566,6 +596,7 @@ class SocketTransport(asyncio.Transport):
                     if not keep_open:
                         self.close()
                     return
+                self.received += len(data)
                 with running_loop(self._loop):
                     protocol.data_received(data)
                 self._loop.run_ready()
@@ -702,6 +733,14 @@ class SocketTransport(asyncio.Transport):
         self._reading.set()
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
+    @property
+    def is_lost(self) -> bool:
+        return self._lost
+
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._buffer)
+
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
 
@@ -712,18 +751,27 @@ class SocketTransport(asyncio.Transport):
 @final
 class Listener(asyncio.AbstractServer):
     """Accepts connections on a listening socket the caller owns (and keeps:
-    closing the listener stops accepting, it does not close the socket)."""
+    closing the listener stops accepting, it does not close the socket),
+    within ``limits`` when given."""
 
     def __init__(
         self,
         loop: TrioEventLoop,
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._loop = loop
         self._sock = sock
         self._factory = protocol_factory
+        self._limits = limits
+        #: Accepted connections, each with the byte count it had at the last
+        #: sweep and how many sweeps since have found it quiet.
+        self._open: dict[SocketTransport, tuple[int, int]] = {}
+        self._refusing = False  # at the cap: logged once per episode
+        self._lingering = 0  # refused connections still being drained
         self._scope = trio.CancelScope()
+        self._sweep_scope = trio.CancelScope()
         self._stopped = loop.create_future()
 
     async def run(self) -> None:
@@ -731,6 +779,8 @@ class Listener(asyncio.AbstractServer):
         sock.setblocking(False)
         try:
             with self._scope:
+                if self._limits is not None:
+                    self._loop.start_soon(self._sweep, self._limits)
                 while True:
                     try:
                         conn, _ = sock.accept()
@@ -741,15 +791,92 @@ class Listener(asyncio.AbstractServer):
                         log.warning("accepting a connection failed: %s", exc)
                         await trio.sleep(ACCEPT_BACKOFF)
                         continue
-                    try:
-                        self._loop._connect(conn, self._factory)
-                    except Exception:  # one bad connection must not stop the server
-                        log.exception("setting up an accepted connection failed")
-                        conn.close()
+                    self._accept(conn)
                     await trio.lowlevel.checkpoint()
         finally:
+            self._sweep_scope.cancel()
             if not self._stopped.done():
                 self._stopped.set_result(None)
+
+    def _accept(self, conn: socket.socket) -> None:
+        limits = self._limits
+        if limits is not None:
+            self._forget_lost()
+            if len(self._open) >= limits.max_connections:
+                if not self._refusing:
+                    self._refusing = True
+                    log.warning("refusing connections: %d open, the most allowed", len(self._open))
+                self._refuse(conn, limits.refusal)
+                return
+            self._refusing = False
+        try:
+            transport, _ = self._loop._connect(conn, self._factory)
+        except Exception:  # one bad connection must not stop the server
+            log.exception("setting up an accepted connection failed")
+            conn.close()
+            return
+        if limits is not None:
+            self._open[transport] = (-1, 0)  # new: as if it had just received
+
+    def _refuse(self, conn: socket.socket, refusal: bytes) -> None:
+        conn.setblocking(False)
+        try:
+            conn.send(refusal)  # a few bytes into an empty buffer: taken whole
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        if self._lingering >= MAX_REFUSING:
+            conn.close()
+            return
+        self._lingering += 1
+        self._loop.start_soon(self._linger, conn)
+
+    async def _linger(self, conn: socket.socket) -> None:
+        try:
+            with trio.move_on_after(REFUSAL_LINGER):
+                while True:
+                    try:
+                        if not conn.recv(READ_SIZE):
+                            break  # the client has closed its side
+                    except (BlockingIOError, InterruptedError):
+                        await trio.lowlevel.wait_readable(conn)
+        except OSError:
+            pass
+        finally:
+            self._lingering -= 1
+            conn.close()
+
+    def _forget_lost(self) -> None:
+        for transport in [t for t in self._open if t.is_lost]:
+            del self._open[transport]
+
+    async def _sweep(self, limits: ConnectionLimits) -> None:
+        # Every half timeout. A connection is closed at the second sweep
+        # after one that saw it receive, the third after one that saw a call
+        # in flight (which may end just after): so after one to one and a
+        # half timeouts of quiet, never while a call runs.
+        with self._sweep_scope:
+            while True:
+                await trio.sleep(limits.idle_timeout / 2)
+                self._forget_lost()
+                for transport, (seen, quiet) in list(self._open.items()):
+                    now = transport.received
+                    if now != seen:
+                        quiet = 0
+                    elif not limits.is_idle(transport.get_protocol()):
+                        quiet = -1
+                    else:
+                        quiet += 1
+                    self._open[transport] = (now, quiet)
+                    if quiet < 2:
+                        continue
+                    log.info("closing a connection quiet for %g s", limits.idle_timeout)
+                    # A peer that left replies unread is not reading: no flush.
+                    if transport.has_unsent:
+                        transport.abort()
+                    else:
+                        transport.close()
 
     def close(self) -> None:
         self._scope.cancel()

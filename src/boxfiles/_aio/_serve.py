@@ -10,6 +10,8 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
+import h2.errors
+import hyperframe.frame
 import trio
 from google.protobuf.message import DecodeError, Message
 
@@ -19,7 +21,7 @@ from .._wire import Method
 from . import _frames, _internals
 from ._edge import cardinality, run
 from ._frames import FRAME_LIMIT, MessageTooLarge
-from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
+from ._loop import CLEANUP_TIMEOUT, ConnectionLimits, TrioEventLoop, open_loop
 
 log = logging.getLogger("boxfiles")
 
@@ -161,6 +163,10 @@ class _Service:
         }
 
 
+def _is_idle(protocol: Any) -> bool:
+    return _internals.serves_no_call(protocol)
+
+
 def _tune(protocol: Any) -> None:
     _internals.announce_frame_size(protocol, FRAME_LIMIT)
     _internals.receive_frames_as_views(protocol)
@@ -180,13 +186,32 @@ async def _stop(server: grpclib.server.Server) -> None:
     await server.wait_closed()
 
 
+def _refusal(max_connections: int) -> bytes:
+    # The server's connection preface, then GOAWAY naming no stream: the
+    # client learns why, and that nothing it sent was processed.
+    goaway = hyperframe.frame.GoAwayFrame(
+        0,
+        last_stream_id=0,
+        error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+        additional_data=f"too many connections (at most {max_connections})".encode(),
+    )
+    return hyperframe.frame.SettingsFrame(0).serialize() + goaway.serialize()
+
+
 async def serve(
     sock: socket.socket,
     handlers: Mapping[Method[Any, Any], Handler],
     *,
+    max_connections: int,
+    connection_idle_timeout: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``handlers`` on the listening socket ``sock`` until cancelled.
+
+    At most ``max_connections`` connections are open at once: one more is
+    sent GOAWAY and closed. A connection that receives nothing and runs no
+    call for ``connection_idle_timeout`` seconds (to half as long again) is
+    closed.
 
     On cancellation the listener stops, calls in flight are cancelled
     (their clients see a reset), connections are dropped, and this returns
@@ -195,6 +220,12 @@ async def serve(
     with one_error():
         async with open_loop() as loop:
             loop.on_connection = _tune
+            loop.connection_limits = ConnectionLimits(
+                max_connections=max_connections,
+                idle_timeout=connection_idle_timeout,
+                is_idle=_is_idle,
+                refusal=_refusal(max_connections),
+            )
             server = await run(
                 loop, _start([_Service(loop, handlers)], sock), "starting the server"
             )

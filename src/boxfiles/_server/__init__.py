@@ -9,7 +9,15 @@ mapped here in one place each: OSError by _service._remote_from_os,
 BadEntry by _extract._entry_parts, a read error by _extract.extract.
 """
 
-from ._listen import serve_files, serve_service
+from ._listen import CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS, serve_files, serve_service
 from ._service import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService
 
-__all__ = ["IDLE_TIMEOUT", "MAX_TRANSFERS", "FilesService", "serve_files", "serve_service"]
+__all__ = [
+    "CONNECTION_IDLE_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "MAX_TRANSFERS",
+    "FilesService",
+    "serve_files",
+    "serve_service",
+]

@@ -11,6 +11,7 @@ import socket
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, final
 
@@ -28,6 +29,18 @@ from ._service import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService
 from ._staging import sweep_stale_staging
 
 log = logging.getLogger("boxfiles.server")
+
+#: Connections one server holds open at once; one more is sent GOAWAY and
+#: closed at once, never queued. Each costs a file descriptor and its HTTP/2
+#: state: this keeps a flood of them below the process's descriptor limit
+#: (1024 by default), with room left for the transfers' own files.
+MAX_CONNECTIONS = 256
+
+#: Seconds a connection may stay open receiving nothing and running no call
+#: before it is closed (to half as long again: it is checked every half of
+#: it), so that idle connections do not hold MAX_CONNECTIONS forever. A
+#: client reconnects on its next call.
+CONNECTION_IDLE_TIMEOUT = 300.0
 
 
 @final
@@ -128,6 +141,8 @@ async def serve_files(
     max_upload_bytes: int | None = None,
     max_transfers: int = MAX_TRANSFERS,
     idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    connection_idle_timeout: float = CONNECTION_IDLE_TIMEOUT,
     allow_remote: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
@@ -153,6 +168,10 @@ async def serve_files(
         idle_timeout: seconds a transfer may wait on its client for the
             next message (upload) or for taking the next one (download);
             past that it fails with DEADLINE_EXCEEDED, nothing placed.
+        max_connections: connections open at once; one more is sent an
+            HTTP/2 GOAWAY and closed at once (its client sees Unavailable).
+        connection_idle_timeout: seconds a connection may receive nothing
+            and run no call before it is closed (checked every half of it).
         allow_remote: allow a TCP address that is not loopback. The protocol
             has no authentication: anyone who can connect can read and write
             every container root.
@@ -177,6 +196,8 @@ async def serve_files(
         max_upload_bytes=max_upload_bytes,
         max_transfers=max_transfers,
         idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        connection_idle_timeout=connection_idle_timeout,
         allow_remote=allow_remote,
         chunk_size=chunk_size,
         task_status=task_status,
@@ -191,6 +212,8 @@ async def serve_service(
     max_upload_bytes: int | None = None,
     max_transfers: int = MAX_TRANSFERS,
     idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    connection_idle_timeout: float = CONNECTION_IDLE_TIMEOUT,
     allow_remote: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
@@ -207,13 +230,21 @@ async def serve_service(
     if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
         raise ValueError(f"max_transfers must be an int >= 1, got {max_transfers!r}")
     if (
-        isinstance(idle_timeout, bool)
-        or not isinstance(idle_timeout, (int, float))
-        or not 0 < idle_timeout < math.inf
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or max_connections < 1
     ):
-        raise ValueError(
-            f"idle_timeout must be a finite number of seconds > 0, got {idle_timeout!r}"
-        )
+        raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+    for name, seconds in (
+        ("idle_timeout", idle_timeout),
+        ("connection_idle_timeout", connection_idle_timeout),
+    ):
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 < seconds < math.inf
+        ):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds!r}")
     service = FilesService(
         resolved,
         chunk_size=check_chunk_size(chunk_size),
@@ -231,7 +262,15 @@ async def serve_service(
                 log.warning("removed stale staging %s of container %r", name, cid)
         with one_error():
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve, listener.sock, handlers_for(service))
+                await nursery.start(
+                    partial(
+                        serve,
+                        listener.sock,
+                        handlers_for(service),
+                        max_connections=max_connections,
+                        connection_idle_timeout=connection_idle_timeout,
+                    )
+                )
                 task_status.started(listener.address)
                 await trio.sleep_forever()
     finally:
