@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import final
+from typing import Any, final
 
 #: Flags for opening a directory during a walk; O_NOFOLLOW makes a component
 #: swapped for a symlink after it was checked fail instead of being followed.
@@ -162,19 +162,24 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
 
 @final
 class Journal:
-    """Undo steps for placement, run in reverse when placement fails."""
+    """Undo steps for placement, run in reverse when placement fails.
+
+    A step is a function and its arguments, kept flat in one tuple: a merge
+    journals a step per entry, and a closure per step (its cells, its own
+    copy of the path) cost several times as much.
+    """
 
     def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[tuple[Any, ...]] = []
 
-    def did(self, undo: Callable[[], None]) -> None:
-        self._undo.append(undo)
+    def did(self, undo: Callable[..., None], *args: Any) -> None:
+        self._undo.append((undo, *args))
 
     def roll_back(self) -> None:
         errors: list[OSError] = []
-        for undo in reversed(self._undo):
+        for step in reversed(self._undo):
             try:
-                undo()
+                step[0](*step[1:])
             except OSError as err:  # keep undoing the rest
                 errors.append(err)
         self._undo.clear()

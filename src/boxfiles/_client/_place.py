@@ -66,6 +66,8 @@ class Placement:
         self._trash = trash_fd
         self._spares = 0
         self.journal = Journal()
+        self._from_trash_step = self._from_trash
+        self._move_out_step = self._move_out
 
     def _show(self, parts: list[str]) -> str:
         return os.path.join(self._shown, *parts)
@@ -74,56 +76,63 @@ class Placement:
         self._spares += 1
         return str(self._spares)
 
-    def _to_trash(self, dir_fd: int, name: str, parts: list[str]) -> None:
-        """Move the existing ``name`` (at ``parts``) out of the way."""
+    # Undo steps are journalled as a method and its arguments (see
+    # Journal): ``parent``, the names of an entry's directory, is one list
+    # shared by the directory's entries, and the steps taken per entry use
+    # bound methods made once, in __init__, rather than one per step.
+
+    def _to_trash(self, dir_fd: int, parent: list[str], name: str) -> None:
+        """Move the existing ``name`` (in ``parent``) out of the way."""
         spare = self._spare()
         os.rename(name, spare, src_dir_fd=dir_fd, dst_dir_fd=self._trash)
+        self.journal.did(self._from_trash_step, parent, name, self._spares)
 
-        def undo() -> None:
-            cursor = cursor_at(self._base, parts[:-1])
-            try:
-                os.rename(spare, parts[-1], src_dir_fd=self._trash, dst_dir_fd=cursor.fd)
-            finally:
-                cursor.close()
-
-        self.journal.did(undo)
+    def _from_trash(self, parent: list[str], name: str, spare: int) -> None:
+        cursor = cursor_at(self._base, parent)
+        try:
+            os.rename(str(spare), name, src_dir_fd=self._trash, dst_dir_fd=cursor.fd)
+        finally:
+            cursor.close()
 
     def _move_in(
-        self, src_fd: int, dst_fd: int, name: str, parts: list[str], st: os.stat_result
+        self,
+        src_fd: int,
+        src: str,
+        dst_fd: int,
+        parent: list[str],
+        name: str,
+        st: os.stat_result,
     ) -> None:
-        """Move the staged ``name`` to ``parts`` (free now), with its mode and
-        times: a directory changing parent must be writable (its ".."
-        changes), and that change touches its mtime."""
+        """Move the staged ``src`` to ``name`` in ``parent`` (free now), with
+        its mode and times: a directory changing parent must be writable (its
+        ".." changes), and that change touches its mtime."""
         is_dir = stat.S_ISDIR(st.st_mode)
         if is_dir:
-            os.chmod(name, 0o700, dir_fd=src_fd)  # staged by us: a directory, not a link
-        os.rename(name, parts[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-
-        def undo() -> None:
-            cursor = cursor_at(self._base, parts[:-1])
-            try:
-                os.rename(parts[-1], self._spare(), src_dir_fd=cursor.fd, dst_dir_fd=self._trash)
-            finally:
-                cursor.close()
-
-        self.journal.did(undo)
+            os.chmod(src, 0o700, dir_fd=src_fd)  # staged by us: a directory, not a link
+        os.rename(src, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        self.journal.did(self._move_out_step, parent, name)
         if is_dir:
-            _set_dir_meta(dst_fd, parts[-1], stat.S_IMODE(st.st_mode), times_of(st))
+            _set_dir_meta(dst_fd, name, stat.S_IMODE(st.st_mode), times_of(st))
+
+    def _move_out(self, parent: list[str], name: str) -> None:
+        cursor = cursor_at(self._base, parent)
+        try:
+            os.rename(name, self._spare(), src_dir_fd=cursor.fd, dst_dir_fd=self._trash)
+        finally:
+            cursor.close()
 
     def _keep_meta(self, parts: list[str], st: os.stat_result) -> None:
         """Have an undo put back an existing directory's mode and times
         (entries moving in and out change its mtime)."""
-        mode, times = stat.S_IMODE(st.st_mode), times_of(st)
+        self.journal.did(self._put_meta, parts, stat.S_IMODE(st.st_mode), times_of(st))
 
-        def undo() -> None:
-            cursor = cursor_at(self._base, parts)
-            try:
-                os.fchmod(cursor.fd, mode)
-                os.utime(cursor.fd, ns=times)
-            finally:
-                cursor.close()
-
-        self.journal.did(undo)
+    def _put_meta(self, parts: list[str], mode: int, times: tuple[int, int]) -> None:
+        cursor = cursor_at(self._base, parts)
+        try:
+            os.fchmod(cursor.fd, mode)
+            os.utime(cursor.fd, ns=times)
+        finally:
+            cursor.close()
 
     def place(
         self, src_parts: list[str], kind: str, name: str, meta: tuple[int, int | None]
@@ -151,13 +160,13 @@ class Placement:
         if st is not None and not stat.S_ISLNK(st.st_mode):
             raise LocalIOError(f"cannot overwrite non-directory {shown} with a directory")
         if st is not None:  # a symlink is replaced, never followed
-            self._to_trash(self._base, name, [name])
+            self._to_trash(self._base, [], name)
         src = cursor_at(self._base, src_parts[:-1])
         try:
             staged = os.stat(src_parts[-1], dir_fd=src.fd, follow_symlinks=False)
             mode, mtime = meta
             times = (staged.st_atime_ns, staged.st_mtime_ns if mtime is None else mtime)
-            self._move_in(src.fd, self._base, src_parts[-1], [name], staged)
+            self._move_in(src.fd, src_parts[-1], self._base, [], name, staged)
         finally:
             src.close()
         _set_dir_meta(self._base, name, mode, times)
@@ -193,10 +202,10 @@ class Placement:
                     dst.up()
                 continue
             name = level.names.pop()
-            parts = [*level.parts, name]
             staged = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
             existing = lstat_at(dst.fd, name)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
+                parts = [*level.parts, name]
                 if not stat.S_ISDIR(staged.st_mode):
                     raise LocalIOError(
                         f"cannot overwrite directory {self._show(parts)} with a non-directory"
@@ -209,8 +218,8 @@ class Placement:
                 levels.append(_Level(sorted(os.listdir(src.fd), reverse=True), parts, meta))
                 continue
             if existing is not None:  # a file or a symlink: replaced, never followed
-                self._to_trash(dst.fd, name, parts)
-            self._move_in(src.fd, dst.fd, name, parts, staged)
+                self._to_trash(dst.fd, level.parts, name)
+            self._move_in(src.fd, name, dst.fd, level.parts, name, staged)
 
 
 def times_of(st: os.stat_result) -> tuple[int, int]:

@@ -326,6 +326,8 @@ class Placement:
         #: Trash per mount (see _trash), and the staging made on other mounts.
         self._trashes = {mount_of(staging_fd): self._trash_fd}
         self._foreign: list[tuple[_Where, str]] = []
+        self._take_out_step = self._take_out
+        self._put_back_step = self._put_back
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -383,7 +385,15 @@ class Placement:
             return
         self._touched.add(key)
         times = (st.st_atime_ns, st.st_mtime_ns)
-        self._journal.did(lambda: restore_times(self._at(where), times))
+        self._journal.did(self._restore_times, where, times)
+
+    # Undo steps are journalled as a method and its arguments (see
+    # Journal); a merge shares one ``where`` among a directory's entries,
+    # and the steps taken per entry use bound methods made once, in
+    # __init__, rather than one per step.
+
+    def _restore_times(self, where: _Where, times: tuple[int, int]) -> None:
+        restore_times(self._at(where), times)
 
     def _spare(self) -> str:
         self._trashed += 1
@@ -401,8 +411,11 @@ class Placement:
             trash, name = locked_staging(dst_fd)
             self._trashes[mount] = self._keep(trash)
             self._foreign.append((where, name))
-            self._journal.did(lambda: remove_tree(self._at(where), name))
+            self._journal.did(self._remove_tree, where, name)
         return trash
+
+    def _remove_tree(self, where: _Where, name: str) -> None:
+        remove_tree(self._at(where), name)
 
     def _near(self, src_fd: int, src: str, where: _Where, dst_fd: int) -> tuple[int, str, int]:
         """``src`` as a directory fd and name on the destination's mount
@@ -419,9 +432,13 @@ class Placement:
         self._touch(where, dst_fd)
         src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
         os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-        self._journal.did(
-            lambda: os.rename(dst, self._spare(), src_dir_fd=self._at(where), dst_dir_fd=trash)
-        )
+        self._journal.did(self._take_out_step, where, dst, trash)
+
+    def _take_out(self, where: _Where, name: str, trash: int) -> None:
+        os.rename(name, self._spare(), src_dir_fd=self._at(where), dst_dir_fd=trash)
+
+    def _put_back(self, where: _Where, name: str, spare: int, trash: int) -> None:
+        os.rename(str(spare), name, src_dir_fd=trash, dst_dir_fd=self._at(where))
 
     def _replace(
         self, src_fd: int, src: str, where: _Where, dst_fd: int, dst: str, shown: str
@@ -432,20 +449,18 @@ class Placement:
         self._touch(where, dst_fd)
         src_fd, src, trash = self._near(src_fd, src, where, dst_fd)
         spare = self._spare()
-        put_back = lambda: os.rename(  # noqa: E731
-            spare, dst, src_dir_fd=trash, dst_dir_fd=self._at(where)
-        )
+        number = self._trashed  # journalled: an int is smaller than its name
         try:
             # Keep the old entry by a hard link, then rename over it: readers
             # see the old or the new entry, never neither.
             os.link(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash, follow_symlinks=False)
         except OSError:  # e.g. fs.protected_hardlinks: fall back to two renames
             os.rename(dst, spare, src_dir_fd=dst_fd, dst_dir_fd=trash)
-            self._journal.did(put_back)
+            self._journal.did(self._put_back_step, where, dst, number, trash)
             self._add(src_fd, src, where, dst_fd, dst)
             return
         os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-        self._journal.did(put_back)
+        self._journal.did(self._put_back_step, where, dst, number, trash)
 
     def _put(
         self,
@@ -496,17 +511,21 @@ class Placement:
     def _merge(self, tree_fd: int, dst_fd: int, shown: str) -> None:
         walk = TreeWalk(tree_fd, ordered=True)
         dst = DirCursor(dst_fd)
+        where: _Where | None = None  # the current directory's, shared by its entries
         try:
             for name, st, leaving in walk:
                 if leaving:
                     dst.up()
+                    where = None
                     continue
                 is_dir = stat.S_ISDIR(st.st_mode)
                 here = "/".join([shown, *dst.path, name])
-                where: _Where = (dst_fd, list(dst.path))
+                if where is None:
+                    where = (dst_fd, list(dst.path))
                 if self._put(walk.fd, name, is_dir, where, dst.fd, name, here):
                     walk.descend(name)
                     dst.down(name)
+                    where = None
                 elif is_dir:
                     staged = [*walk.path, name]
                     self._moved[tuple(staged)] = (dst_fd, [*dst.path, name])
@@ -526,7 +545,7 @@ class Placement:
             # Through the parent: a directory that denies search cannot be
             # left through its own "..".
             self._chmod(parent, name, mode)
-            self._journal.did(lambda p=parent, n=name, m=mode: self._chmod(p, n, m | 0o700))  # type: ignore[misc]
+            self._journal.did(self._chmod, parent, name, mode | 0o700)
 
     def _chmod(self, parent: _Where, name: str, mode: int) -> None:
         fd = os.open(name, DIR_FLAGS, dir_fd=self._at(parent))
