@@ -21,11 +21,11 @@ from typing import final
 import trio
 
 from .._errors import IncompleteTransfer, LocalIOError, UnsafeArchive
-from .._fs import DIR_FLAGS, remove_tree
+from .._fs import DIR_FLAGS, TreeWalk, remove_tree
 from .._supervise import supervise
 from .._tar._paxtime import mtime_ns
 from .._tar._read import ChunkStream, CorruptArchive, next_member, open_archive, write_member
-from .._tar._rules import MODE_MASK, BadEntry, entry_parts
+from .._tar._rules import MAX_ARCHIVE_ENTRIES, MODE_MASK, BadEntry, entry_parts
 from .._wire import (
     check_container_id,
     check_path,
@@ -41,7 +41,10 @@ from ._transfer import Calls
 class _Extracted:
     """What the extraction thread made of the archive, relative to staging."""
 
-    kinds: dict[str, str] = field(default_factory=dict)  # "dir" / "file" / "link"
+    #: Every directory the archive made there, and only those: what else is
+    #: there (files, links) is found with lstat when it matters, so a merge
+    #: of many files keeps nothing per file.
+    dirs: set[str] = field(default_factory=set)
     root_meta: tuple[int, int] | None = None  # the "./" entry: (mode, mtime_ns)
 
 
@@ -57,11 +60,11 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
     """Unpack the stream into ``staging`` (blocking; a worker thread).
 
     ``staging`` is a fresh directory of ours; every decision is made from
-    what this archive created in it (recorded in ``kinds``), and files are
-    opened with O_NOFOLLOW | O_EXCL, so no entry can reach outside it.
+    what this archive created in it (its directories recorded in ``dirs``),
+    and files are opened with O_NOFOLLOW | O_EXCL, so no entry can reach
+    outside it.
     """
     out = _Extracted()
-    kinds = out.kinds
     dir_meta: dict[str, tuple[int, int]] = {}
     try:
         tar = open_archive(reader)
@@ -73,6 +76,7 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
         raise UnsafeArchive(f"the server sent a corrupt archive: {err}") from err
     except (ValueError, OverflowError) as err:  # absurd numbers in the first header
         raise UnsafeArchive(f"corrupt archive header: {err}") from err
+    entries = 0
     try:
         while True:
             try:
@@ -87,8 +91,11 @@ def _extract(reader: ChunkStream, staging: str) -> _Extracted:
                 raise UnsafeArchive(f"corrupt archive header: {err}") from err
             if member is None:
                 break
+            entries += 1
+            if entries > MAX_ARCHIVE_ENTRIES:
+                raise UnsafeArchive(f"the archive holds more than {MAX_ARCHIVE_ENTRIES} entries")
             try:
-                _extract_one(member, reader, staging, kinds, dir_meta, out)
+                _extract_one(member, reader, staging, dir_meta, out)
             except tarfile.ReadError as err:  # the data of a file ran out
                 raise IncompleteTransfer(f"the archive ended inside {member.name!r}") from err
             except (ValueError, OverflowError) as err:  # a NaN or far-off mtime, say
@@ -112,7 +119,6 @@ def _extract_one(
     member: tarfile.TarInfo,
     reader: ChunkStream,
     staging: str,
-    kinds: dict[str, str],
     dir_meta: dict[str, tuple[int, int]],
     out: _Extracted,
 ) -> None:
@@ -127,34 +133,31 @@ def _extract_one(
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         kind = "fifo" if member.isfifo() else "device node" if member.isdev() else "special"
         raise UnsafeArchive(f"refused {kind} entry in archive: {member.name!r}")
-    # Every name in kinds has its parents there as directories (a replaced
-    # directory takes its names with it), so the nearest recorded parent is
-    # the only one to check: O(depth) per entry, not O(depth**2).
+    dirs = out.dirs
+    # Every name in dirs has its parents there (a replaced directory takes
+    # its names with it), so only the parents above the nearest recorded
+    # one are looked at: O(depth) per entry, not O(depth**2).
     missing = []
     parent = posixpath.dirname(rel)
-    while parent and parent not in kinds:
+    while parent and parent not in dirs:
         missing.append(parent)
         parent = posixpath.dirname(parent)
-    if parent and kinds[parent] != "dir":
-        raise UnsafeArchive(
-            f"archive entry would be written through a {kinds[parent]}: {member.name!r}"
-        )
     for prefix in reversed(missing):  # parents the archive did not list: make them
-        os.mkdir(os.path.join(staging, prefix), 0o700)
-        kinds[prefix] = "dir"
+        try:
+            os.mkdir(os.path.join(staging, prefix), 0o700)
+        except FileExistsError:  # an entry of the archive, and not a directory
+            there = _kind(os.lstat(os.path.join(staging, prefix)))
+            raise UnsafeArchive(
+                f"archive entry would be written through a {there}: {member.name!r}"
+            ) from None
+        dirs.add(prefix)
     path = os.path.join(staging, rel)
-    existing = kinds.get(rel)
+    existing = "dir" if rel in dirs else _kind(_lstat(path))
     # A later entry of the same name replaces an earlier one, as tar does
     # (never writes through it); only a directory followed by a directory
     # is merged.
     if existing == "dir" and not member.isdir():
-        _forget(rel, kinds, dir_meta)
-        parent, name = os.path.split(path)
-        fd = os.open(parent, DIR_FLAGS)
-        try:
-            remove_tree(fd, name)
-        finally:
-            os.close(fd)
+        _remove_dir(staging, rel, out.dirs, dir_meta)
         existing = None
     elif existing is not None and existing != "dir":
         os.unlink(path)
@@ -163,30 +166,62 @@ def _extract_one(
         if existing is None:
             os.mkdir(path, 0o700)
         dir_meta[rel] = (mode, mtime)
-        kinds[rel] = "dir"
+        dirs.add(rel)
     elif member.isreg():
         _write_file(member, reader, path, mode, mtime)
-        kinds[rel] = "file"
     elif member.issym():
         os.symlink(member.linkname, path)
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
-        kinds[rel] = "link"
     else:
         target = _safe_name(member.linkname, f"hard link {member.name} ->")
-        if kinds.get(target) != "file":
+        # A file the archive made: its parents are directories it made (not
+        # links), and it is a regular file itself.
+        held_by = posixpath.dirname(target)
+        if (held_by and held_by not in dirs) or _kind(
+            _lstat(os.path.join(staging, target))
+        ) != "file":
             raise UnsafeArchive(
                 f"hard link to something outside the archive: {member.name!r} -> {member.linkname!r}"
             )
         os.link(os.path.join(staging, target), path, follow_symlinks=False)
-        kinds[rel] = "file"
 
 
-def _forget(rel: str, kinds: dict[str, str], dir_meta: dict[str, tuple[int, int]]) -> None:
-    """Drop ``rel`` and everything recorded under it (it is being replaced)."""
-    under = rel + "/"
-    for known in (kinds, dir_meta):
-        for name in [n for n in known if n == rel or n.startswith(under)]:
-            del known[name]
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _kind(st: os.stat_result | None) -> str | None:
+    """What the archive made (only directories, files and links)."""
+    if st is None:
+        return None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "file"
+
+
+def _remove_dir(
+    staging: str, rel: str, dirs: set[str], dir_meta: dict[str, tuple[int, int]]
+) -> None:
+    """Remove the staged directory ``rel`` (a later entry replaces it) and
+    forget every directory under it: work in proportion to what it holds,
+    so an archive replacing directories over and over stays linear."""
+    top, name = posixpath.split(rel)
+    fd = os.open(os.path.join(staging, top), DIR_FLAGS)
+    try:
+        walk = TreeWalk(fd, names=[name])
+        try:
+            for child, child_st, leaving in walk:
+                if stat.S_ISDIR(child_st.st_mode) and not leaving:
+                    key = posixpath.join(top, *walk.path, child)
+                    dirs.discard(key)
+                    dir_meta.pop(key, None)
+                    walk.descend(child)  # staged directories stay 0o700 until the end
+        finally:
+            walk.close()
+        remove_tree(fd, name)
+    finally:
+        os.close(fd)
 
 
 def _write_file(
@@ -295,14 +330,19 @@ def _place(target: _Target, extracted: _Extracted, src_path: str, *, contents: b
         src, kind, name = [target.staging, _TREE], "dir", target.name
         mode, mtime = extracted.root_meta or (target.default_mode, None)
     else:
-        top = [rel for rel in extracted.kinds if "/" not in rel]
+        tree_fd = os.open(os.path.join(target.staging, _TREE), DIR_FLAGS, dir_fd=target.base_fd)
+        try:
+            top = os.listdir(tree_fd)
+        finally:
+            os.close(tree_fd)
         if len(top) != 1:
             raise UnsafeArchive(f"expected one top-level entry in the archive, got {len(top)}")
         expected = _top_name(src_path)
         if top[0] != expected:
             # A server naming its entry after something it guesses is in dest.
             raise UnsafeArchive(f"archive of {src_path!r} has top-level entry {top[0]!r}")
-        src, kind = [target.staging, _TREE, top[0]], extracted.kinds[top[0]]
+        src = [target.staging, _TREE, top[0]]
+        kind = "dir" if top[0] in extracted.dirs else "other"
         name = target.name or top[0]
         mode, mtime = 0, None
         if kind == "dir":

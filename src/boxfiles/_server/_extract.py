@@ -16,11 +16,11 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import final
 
-from .._errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .._errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from .._fs import DIR_FLAGS, DirCursor, Journal, TreeWalk, remove_tree
 from .._tar._paxtime import mtime_ns
 from .._tar._read import ChunkStream, next_member, open_archive, write_member
-from .._tar._rules import MODE_MASK, BadEntry, entry_parts
+from .._tar._rules import MAX_ARCHIVE_ENTRIES, MODE_MASK, BadEntry, entry_parts
 from ._confine import (
     Located,
     check_name,
@@ -219,6 +219,10 @@ def _extract_member(
         staged.single_file = False
         return
     staged.entries += 1
+    if staged.entries > MAX_ARCHIVE_ENTRIES:
+        raise ResourceExhausted(
+            f"the archive holds more than {MAX_ARCHIVE_ENTRIES} entries, the most this server takes"
+        )
     staged.single_file = (
         staged.entries == 1 and not staged.root_entry and not member.isdir() and len(parts) == 1
     )

@@ -17,6 +17,13 @@ MODE_MASK = 0o1777
 MAX_DEPTH = 4096
 
 
+#: Most entries one archive may hold, on both sides. Placing an archive over
+#: an existing tree journals a step per entry it replaces, so memory grows
+#: with the entries (about 200 bytes each, measured): this keeps a hostile
+#: or mistaken archive of tiny entries to a few hundred MiB at worst.
+MAX_ARCHIVE_ENTRIES = 1_000_000
+
+
 class BadEntry(ValueError):
     """An archive entry no side extracts; the message names it."""
 
