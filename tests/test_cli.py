@@ -17,7 +17,6 @@ import sys
 import tarfile
 import termios
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,52 +28,12 @@ from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, EXIT_UNSAFE, EXIT_US
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._wire import SIZE_HINT_KEY
 
-from . import sink
-from .conftest import started_process
-from .rig import Record, scripted_server
-from .sink import start_grpcio_server
+from .helpers import grpcio_sink as sink
+from .helpers.grpcio_sink import start_grpcio_server
+from .helpers.processes import PROMPT, boxfiles_cmd, clean_env, one_line_error, serve_process
+from .helpers.scripted import Record, scripted_server
 
 MiB = 1024 * 1024
-PROMPT = 10.0  # a process start included; never a speed claim
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BOXFILES_")}
-    env.update(extra)
-    return env
-
-
-async def boxfiles_cmd(
-    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            [sys.executable, "-m", "boxfiles", *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env or clean_env(),
-            cwd=cwd,
-        )
-
-
-def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
-    """The error output, which must be a single line with no traceback."""
-    text = result.stderr.decode()
-    assert text.count("\n") == 1, text
-    assert text.startswith("boxfiles: "), text
-    assert "Traceback" not in text
-    return text.strip()
-
-
-@asynccontextmanager
-async def serve_process(root: Path, sock: Path, *extra: str) -> AsyncIterator[trio.Process]:
-    """``boxfiles serve`` as a subprocess, up and listening."""
-    argv = [sys.executable, "-m", "boxfiles", "serve", "--root", str(root)]
-    argv += ["--listen", f"unix:{sock}", *extra]
-    async with started_process(argv, prompt=PROMPT, env=clean_env()) as process:
-        yield process
 
 
 @pytest.fixture

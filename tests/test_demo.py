@@ -19,7 +19,7 @@ from boxfiles import _demo
 from boxfiles._cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, main
 from boxfiles._client._progress import format_bytes
 
-from .test_cli import clean_env, one_line_error
+from .helpers.processes import clean_env, one_line_error
 
 MiB = 1024 * 1024
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import boxfiles
 
 SRC = Path(boxfiles.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
 
 #: Lowest first. A module may import its own package's modules and anything
 #: in a lower layer; never a higher layer, nor a sibling on its own layer.
@@ -107,3 +108,30 @@ def test_only_the_asyncio_edge_imports_asyncio_grpclib_or_h2() -> None:
         if target.split(".")[0] in FOREIGN_LOOP
     }
     assert outside == set()
+
+
+def test_the_tests_mirror_the_packages() -> None:
+    folders = {p.name for p in TESTS.iterdir() if (p / "__init__.py").exists()}
+    assert folders - {"helpers", "bench"} == {"aio", "client", "server", "tar"}
+    for folder in folders - {"helpers", "bench"}:
+        assert (SRC / f"_{folder}" / "__init__.py").exists(), folder
+
+
+def test_tests_share_helpers_only_through_tests_helpers() -> None:
+    """No test module imports another (or the conftest): what they share is
+    in tests/helpers/."""
+    wrong = []
+    for path in sorted(TESTS.rglob("*.py")):
+        if "bench" in path.parts or "helpers" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if node.level:
+                allowed = module == "helpers" or module.startswith("helpers.")
+            else:
+                allowed = module.split(".")[0] != "tests"
+            if not allowed:
+                wrong.append(f"{path.relative_to(TESTS)}: {'.' * node.level}{module}")
+    assert wrong == []

@@ -25,9 +25,9 @@ from boxfiles._aio import ServerCall
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles.testing import short_socket_dir
 
-from . import tarshapes
-from .conftest import BytesReader
-from .rig import DownloadScript, scripted_server
+from .helpers import tarshapes
+from .helpers.archives import BytesReader
+from .helpers.scripted import DownloadScript, scripted_server
 
 KiB = 1024
 PROMPT = 10.0  # generous guard against a hang; never a speed claim
@@ -292,7 +292,7 @@ damages = st.one_of(
 )
 
 
-def tar_bytes(entries: list[Entry], sentinel: Path, damage: Damage | None = None) -> bytes:
+def archive(entries: list[Entry], sentinel: Path, damage: Damage | None = None) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for e in entries:
@@ -351,7 +351,7 @@ async def test_hostile_upload_never_writes_outside_the_root(
         before_outside = outside(tmp, root)
         # Directory mtimes aside: staging is made and removed in the root.
         before_inside = listing(root, dir_mtimes=False)
-        data = tar_bytes(entries, sentinel, damage)
+        data = archive(entries, sentinel, damage)
         refused: boxfiles.RemoteError | None = None
         async with reference_server(root, sock_dir) as target:
             async with boxfiles.open_client(target) as client:
@@ -429,7 +429,7 @@ async def test_hostile_download_never_writes_outside_dest(
         out = work / "out"
         before_outside = outside(tmp, existing, named)
         before = {top: listing(top) for top in (existing, named)}
-        data = tar_bytes(entries, sentinel, damage)
+        data = archive(entries, sentinel, damage)
         errors = (boxfiles.UnsafeArchive, boxfiles.LocalIOError, boxfiles.IncompleteTransfer)
         async with scripted_server(sock_dir, download=serve(data)) as srv:
             async with boxfiles.open_client(srv.target) as client:

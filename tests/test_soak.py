@@ -9,7 +9,6 @@ SOAK_RSS_SLACK of where it started.
 from __future__ import annotations
 
 import collections
-import ctypes
 import gc
 import os
 import random
@@ -33,8 +32,9 @@ from boxfiles.testing import (
     open_fault_server,
 )
 
-from .conftest import Leaks, tar_of
-from .test_server_availability import stall_download, stall_upload
+from .helpers.archives import files
+from .helpers.checks import Leaks, rss
+from .helpers.raw import stall_download, stall_upload
 
 pytestmark = pytest.mark.soak
 
@@ -65,20 +65,6 @@ FAULTS: list[
 DOWNLOAD_FAULTS = [f for f in FAULTS if not (f[0] and isinstance(f[0](), ReplyFailure))]
 
 
-def rss() -> int:
-    """Resident memory once glibc has handed back what nobody uses.
-
-    Without the trim, RSS would show the allocator's cache of freed memory
-    (64 concurrent transfers free a lot at once), not what is still held.
-    """
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 Expected = type[Exception] | tuple[type[Exception], ...] | None
 
 
@@ -106,7 +92,7 @@ async def transfer(
         try:
             if upload:
                 source = work / f"in-{n}.tar"
-                source.write_bytes(tar_of({"f": os.urandom(size)}))
+                source.write_bytes(files(**{"f": os.urandom(size)}))
                 try:
                     await client.upload_tar(source, f"/up/{n}/f", chunk_size=65536)
                 finally:

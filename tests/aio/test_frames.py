@@ -1,0 +1,216 @@
+"""The asyncio edge's own HTTP/2 shortcut for DATA frames, checked against h2 doing the
+same, and the sockets it sends through."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+
+import boxfiles
+from boxfiles._aio import FRAME_LIMIT, UNIX_SEND_BUFFER
+from boxfiles._aio._internals import VIEW_MIN_SHARE, ViewFrameBuffer, send_data_frame
+
+from ..helpers.archives import BytesReader, files
+
+HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/boxlite.v1.Files/Upload"),
+    (":authority", "localhost"),
+]
+
+
+def open_stream() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, int]:
+    """A client with one open stream (its HEADERS still unsent) and its server."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    codes = h2.settings.SettingCodes
+    server.update_settings(
+        {codes.MAX_FRAME_SIZE: FRAME_LIMIT, codes.INITIAL_WINDOW_SIZE: 4 * FRAME_LIMIT}
+    )
+    server.increment_flow_control_window(4 * FRAME_LIMIT)
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, HEADERS)
+    return client, server, sid
+
+
+@pytest.mark.parametrize("size", [1, 16_384, 65_535, FRAME_LIMIT])
+def test_same_bytes_and_windows_as_h2(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    by_h2, server, sid = open_stream()
+    ours, _, same_sid = open_stream()
+    assert sid == same_sid
+
+    by_h2.send_data(sid, payload)
+    expected = by_h2.data_to_send()
+    written = b"".join(send_data_frame(ours, sid, memoryview(payload)))
+
+    assert written == expected  # HEADERS h2 held back, then the frame
+    assert ours.local_flow_control_window(sid) == by_h2.local_flow_control_window(sid)
+    assert ours.outbound_flow_control_window == by_h2.outbound_flow_control_window
+    assert ours.data_to_send() == b""
+    received = [e for e in server.receive_data(written) if isinstance(e, h2.events.DataReceived)]
+    assert [e.data for e in received] == [payload]
+
+
+def test_refused_on_a_stream_that_has_ended() -> None:
+    conn, _, sid = open_stream()
+    conn.end_stream(sid)
+    window = conn.outbound_flow_control_window
+    with pytest.raises(h2.exceptions.ProtocolError):
+        send_data_frame(conn, sid, memoryview(b"late"))
+    assert conn.outbound_flow_control_window == window
+
+
+def sent_to_a_server() -> tuple[bytes, int]:
+    """What a client sends a server that accepts FRAME_LIMIT frames: its
+    preamble and settings, then on one stream HEADERS, DATA frames of many
+    sizes (one padded), a PING between them, and END_STREAM."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({})  # a SETTINGS frame after the preamble's
+    client.local_settings.acknowledge()
+    client.max_outbound_frame_size = FRAME_LIMIT
+    client.outbound_flow_control_window = 2**30
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, HEADERS)
+    client.streams[sid].outbound_flow_control_window = 2**30
+    for size in (FRAME_LIMIT, 1, 9, 16_384, FRAME_LIMIT - 1, 70_000):
+        client.send_data(sid, bytes([size % 251]) * size)
+    client.send_data(sid, b"padded", pad_length=7)
+    client.ping(b"8 bytes!")
+    client.send_data(sid, b"x" * 50_000, end_stream=True)
+    return client.data_to_send(), sid
+
+
+def a_server(views: bool) -> h2.connection.H2Connection:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.max_inbound_frame_size = FRAME_LIMIT
+    server.local_settings.max_frame_size = FRAME_LIMIT
+    server.local_settings.initial_window_size = 2**31 - 1
+    server.local_settings.acknowledge()
+    server.increment_flow_control_window(2**30)
+    if views:
+        server.incoming_buffer = ViewFrameBuffer(server.incoming_buffer)
+    return server
+
+
+def received(server: h2.connection.H2Connection, reads: list[bytes]) -> list[tuple[object, ...]]:
+    events = [event for read in reads for event in server.receive_data(read)]
+    return [
+        (
+            type(e).__name__,
+            getattr(e, "stream_id", None),
+            bytes(getattr(e, "data", b"") or b""),
+            getattr(e, "flow_controlled_length", None),
+        )
+        for e in events
+    ]
+
+
+@pytest.mark.parametrize("read_size", [1, 5, 9, 10, 4096, 65_536, 256 * 1024, 1 << 30])
+def test_received_views_give_h2s_events_at_every_split(read_size: int) -> None:
+    sent, _ = sent_to_a_server()
+    reads = [sent[i : i + read_size] for i in range(0, len(sent), read_size)]
+    assert received(a_server(views=True), reads) == received(a_server(views=False), reads)
+
+
+def test_a_data_payload_is_a_view_of_the_read_it_came_in() -> None:
+    sent, _ = sent_to_a_server()
+    server = a_server(views=True)
+    read = bytes(sent)
+    data = [e for e in server.receive_data(read) if isinstance(e, h2.events.DataReceived)]
+    assert isinstance(data[0].data, memoryview)
+    assert data[0].data.obj is read  # no copy of the first FRAME_LIMIT bytes
+    assert len(data[0].data) == FRAME_LIMIT
+
+
+def test_small_payloads_do_not_keep_large_reads_alive() -> None:
+    # One large read holding frames of every size: a payload under a
+    # 1/VIEW_MIN_SHARE share of it is copied out, so it pins nothing.
+    sent, _ = sent_to_a_server()
+    read = bytes(sent)
+    events = a_server(views=True).receive_data(read)
+    data = [e.data for e in events if isinstance(e, h2.events.DataReceived)]
+    assert any(isinstance(d, memoryview) for d in data)
+    for d in data:
+        held = len(d.obj) if isinstance(d, memoryview) else len(d)
+        assert held <= VIEW_MIN_SHARE * max(len(d), 1)
+
+
+def test_an_overlong_frame_is_refused_on_its_header() -> None:
+    sent, sid = sent_to_a_server()
+    server = a_server(views=True)
+    # Up to the padded frame: its 9-byte header and pad length come before b"padded".
+    server.receive_data(sent[: sent.index(b"padded") - 10])
+    header = (FRAME_LIMIT + 1).to_bytes(3, "big") + bytes([0, 0]) + sid.to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        server.receive_data(header)  # its body need not arrive first
+
+
+def test_a_reused_read_buffer_does_not_change_received_data() -> None:
+    sent, _ = sent_to_a_server()
+    server = a_server(views=True)
+    buffer = bytearray(sent)
+    data = [e.data for e in server.receive_data(buffer) if isinstance(e, h2.events.DataReceived)]
+    expected = [bytes(d) for d in data]
+    buffer[:] = bytes(len(buffer))
+    assert [bytes(d) for d in data] == expected
+
+
+def unix_sockets_of_this_process() -> Iterator[socket.socket]:
+    """Every unix stream socket this process has open, each as a duplicate."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            dup = os.dup(int(fd))
+        except OSError:
+            continue  # closed meanwhile (e.g. the listing's own descriptor)
+        with socket.socket(fileno=dup) as sock:
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                yield sock
+
+
+def peer_name(sock: socket.socket) -> str | None:
+    try:
+        name: str = sock.getpeername()
+    except OSError:
+        return None  # a listener
+    return name
+
+
+async def test_unix_connections_send_through_a_chunk_sized_buffer(server: str) -> None:
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # Linux doubles the size asked for (room for its bookkeeping) and caps the
+    # request at net.core.wmem_max.
+    expected = 2 * min(UNIX_SEND_BUFFER, wmem_max)
+    if expected <= default:
+        pytest.skip(f"net.core.wmem_max ({wmem_max}) allows no more than the default buffer")
+    path = server.removeprefix("unix:")
+    async with boxfiles.open_client(server) as client:
+        await client.upload_tar(BytesReader(files(**{"f": b"x"})), "/d")
+        ends: dict[str, int] = {}
+        for sock in unix_sockets_of_this_process():
+            peer = peer_name(sock)
+            if peer is not None and path in (peer, sock.getsockname()):
+                side = "client" if peer == path else "server"
+                ends[side] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert ends == {"client": expected, "server": expected}

@@ -1,0 +1,1 @@
+"""What the tests share. Test modules import from here, never from one another."""
