@@ -5,8 +5,9 @@ grpclib is written for asyncio. Rather than a second event loop (in a thread,
 or trio-asyncio's replacement of asyncio's event-loop policy), grpclib runs
 on :class:`TrioEventLoop`: a minimal :class:`asyncio.AbstractEventLoop` that
 provides what grpclib and asyncio's own Future, Task, Event, Lock and Queue
-use (``call_soon``, timers, futures and tasks, connections and a listener
-over non-blocking sockets) and nothing else. Its ready queue is run by a
+use (``call_soon``, timers, futures and tasks, connections over
+non-blocking sockets, and a listener a server provides: :mod:`._listener`)
+and nothing else. Its ready queue is run by a
 trio task, and inline by whichever trio task is waiting for asyncio, so a
 call that needs no I/O costs no task switch at all.
 
@@ -30,7 +31,6 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar, final
 
 import trio
@@ -69,37 +69,12 @@ UNIX_SEND_BUFFER = 1024 * 1024
 #: this is only a backstop against a coroutine that ignores cancellation.
 CLEANUP_TIMEOUT = 5.0
 
-#: Seconds a listener pauses after accept() fails for lack of resources
-#: (EMFILE and the like), as asyncio's own listener does.
-ACCEPT_BACKOFF = 1.0
-
 #: Callbacks run per turn of the driver before it lets other trio tasks run.
 _BATCH = 1024
 
-#: Seconds a connection refused at the cap is read from (and what it sent
-#: dropped) after its refusal, before it is closed: closing with its
-#: request unread would reset it, and a reset can reach the client before
-#: the refusal does. At most MAX_REFUSING linger at once; more are closed
-#: at once.
-REFUSAL_LINGER = 1.0
-MAX_REFUSING = 16
-
-
-@final
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What a listener enforces on the connections it accepts."""
-
-    #: Connections open at once; one more is sent ``refusal`` and closed.
-    max_connections: int
-    #: Seconds without a byte received and without a call in flight after
-    #: which a connection is closed (checked every half of it).
-    idle_timeout: float
-    #: Whether a connection's protocol has no call in flight.
-    is_idle: Callable[[asyncio.BaseProtocol], bool]
-    #: Bytes sent, best effort, to a connection refused at the cap.
-    refusal: bytes
-
+MakeListener = Callable[
+    ["TrioEventLoop", socket.socket, Callable[[], asyncio.BaseProtocol]], asyncio.AbstractServer
+]
 
 _Entry = tuple[asyncio.Handle, Callable[..., object], tuple[Any, ...], contextvars.Context]
 
@@ -147,7 +122,8 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         #: bridge tunes HTTP/2 settings there).
         self.on_connection: Callable[[asyncio.BaseProtocol], None] | None = None
         #: Applied by listeners made after it is set; None: no limits.
-        self.connection_limits: ConnectionLimits | None = None
+        #: Makes (and starts) the listener of create_server; set by a server.
+        self.make_listener: MakeListener | None = None
 
     # -- running callbacks ---------------------------------------------------
 
@@ -450,12 +426,12 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         *,
         sock: socket.socket | None = None,
         **kwargs: Any,
-    ) -> Listener:
+    ) -> asyncio.AbstractServer:
         if sock is None or host is not None or port is not None or kwargs.get("ssl"):
             raise NotImplementedError("only an already listening socket is supported")
-        listener = Listener(self, sock, protocol_factory, self.connection_limits)
-        self.start_soon(listener.run)
-        return listener
+        if self.make_listener is None:
+            raise NotImplementedError("this loop has no listener: set make_listener")
+        return self.make_listener(self, sock, protocol_factory)
 
     async def create_unix_server(  # type: ignore[override]
         self,
@@ -464,7 +440,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         *,
         sock: socket.socket | None = None,
         **kwargs: Any,
-    ) -> Listener:
+    ) -> asyncio.AbstractServer:
         return await self.create_server(protocol_factory, path, sock=sock, **kwargs)
 
     # -- the end ---------------------------------------------------------------
@@ -746,159 +722,3 @@ class SocketTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-
-
-@final
-class Listener(asyncio.AbstractServer):
-    """Accepts connections on a listening socket the caller owns (and keeps:
-    closing the listener stops accepting, it does not close the socket),
-    within ``limits`` when given."""
-
-    def __init__(
-        self,
-        loop: TrioEventLoop,
-        sock: socket.socket,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
-        limits: ConnectionLimits | None = None,
-    ) -> None:
-        self._loop = loop
-        self._sock = sock
-        self._factory = protocol_factory
-        self._limits = limits
-        #: Accepted connections, each with the byte count it had at the last
-        #: sweep and how many sweeps since have found it quiet.
-        self._open: dict[SocketTransport, tuple[int, int]] = {}
-        self._refusing = False  # at the cap: logged once per episode
-        self._lingering = 0  # refused connections still being drained
-        self._scope = trio.CancelScope()
-        self._sweep_scope = trio.CancelScope()
-        self._stopped = loop.create_future()
-
-    async def run(self) -> None:
-        sock = self._sock
-        sock.setblocking(False)
-        try:
-            with self._scope:
-                if self._limits is not None:
-                    self._loop.start_soon(self._sweep, self._limits)
-                while True:
-                    try:
-                        conn, _ = sock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    except OSError as exc:
-                        log.warning("accepting a connection failed: %s", exc)
-                        await trio.sleep(ACCEPT_BACKOFF)
-                        continue
-                    self._accept(conn)
-                    await trio.lowlevel.checkpoint()
-        finally:
-            self._sweep_scope.cancel()
-            if not self._stopped.done():
-                self._stopped.set_result(None)
-
-    def _accept(self, conn: socket.socket) -> None:
-        limits = self._limits
-        if limits is not None:
-            self._forget_lost()
-            if len(self._open) >= limits.max_connections:
-                if not self._refusing:
-                    self._refusing = True
-                    log.warning("refusing connections: %d open, the most allowed", len(self._open))
-                self._refuse(conn, limits.refusal)
-                return
-            self._refusing = False
-        try:
-            transport, _ = self._loop._connect(conn, self._factory)
-        except Exception:  # one bad connection must not stop the server
-            log.exception("setting up an accepted connection failed")
-            conn.close()
-            return
-        if limits is not None:
-            self._open[transport] = (-1, 0)  # new: as if it had just received
-
-    def _refuse(self, conn: socket.socket, refusal: bytes) -> None:
-        conn.setblocking(False)
-        try:
-            conn.send(refusal)  # a few bytes into an empty buffer: taken whole
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            conn.close()
-            return
-        if self._lingering >= MAX_REFUSING:
-            conn.close()
-            return
-        self._lingering += 1
-        self._loop.start_soon(self._linger, conn)
-
-    async def _linger(self, conn: socket.socket) -> None:
-        try:
-            with trio.move_on_after(REFUSAL_LINGER):
-                while True:
-                    try:
-                        if not conn.recv(READ_SIZE):
-                            break  # the client has closed its side
-                    except (BlockingIOError, InterruptedError):
-                        await trio.lowlevel.wait_readable(conn)
-        except OSError:
-            pass
-        finally:
-            self._lingering -= 1
-            conn.close()
-
-    def _forget_lost(self) -> None:
-        for transport in [t for t in self._open if t.is_lost]:
-            del self._open[transport]
-
-    async def _sweep(self, limits: ConnectionLimits) -> None:
-        # Every half timeout. A connection is closed at the second sweep
-        # after one that saw it receive, the third after one that saw a call
-        # in flight (which may end just after): so after one to one and a
-        # half timeouts of quiet, never while a call runs.
-        with self._sweep_scope:
-            while True:
-                await trio.sleep(limits.idle_timeout / 2)
-                self._forget_lost()
-                for transport, (seen, quiet) in list(self._open.items()):
-                    now = transport.received
-                    if now != seen:
-                        quiet = 0
-                    elif not limits.is_idle(transport.get_protocol()):
-                        quiet = -1
-                    else:
-                        quiet += 1
-                    self._open[transport] = (now, quiet)
-                    if quiet < 2:
-                        continue
-                    log.info("closing a connection quiet for %g s", limits.idle_timeout)
-                    # A peer that left replies unread is not reading: no flush.
-                    if transport.has_unsent:
-                        transport.abort()
-                    else:
-                        transport.close()
-
-    def close(self) -> None:
-        self._scope.cancel()
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._stopped)
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return not self._stopped.done() and not self._scope.cancel_called
-
-    async def start_serving(self) -> None:
-        pass
-
-    async def serve_forever(self) -> None:
-        await asyncio.shield(self._stopped)
-
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-        await self.wait_closed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
 
 import grpclib.const
@@ -21,7 +22,8 @@ from .._wire import Method
 from . import _frames, _internals
 from ._edge import cardinality, run
 from ._frames import FRAME_LIMIT, MessageTooLarge
-from ._loop import CLEANUP_TIMEOUT, ConnectionLimits, TrioEventLoop, open_loop
+from ._listener import ConnectionLimits, Listener
+from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
 log = logging.getLogger("boxfiles")
 
@@ -220,12 +222,13 @@ async def serve(
     with one_error():
         async with open_loop() as loop:
             loop.on_connection = _tune
-            loop.connection_limits = ConnectionLimits(
+            limits = ConnectionLimits(
                 max_connections=max_connections,
                 idle_timeout=connection_idle_timeout,
                 is_idle=_is_idle,
                 refusal=_refusal(max_connections),
             )
+            loop.make_listener = partial(Listener, limits=limits)
             server = await run(
                 loop, _start([_Service(loop, handlers)], sock), "starting the server"
             )
