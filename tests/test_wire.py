@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -54,13 +56,24 @@ def test_release_returns_the_buffer_once() -> None:
     assert returned == [buffer]
 
 
-@given(data=st.binary(max_size=3000), flag=st.sampled_from([None, True, False]))
-def test_download_chunks_decode_like_protobuf(data: bytes, flag: bool | None) -> None:
+@given(
+    data=st.binary(max_size=3000),
+    flag=st.sampled_from([None, True, False]),
+    cuts=st.lists(st.integers(min_value=0, max_value=3010), max_size=6),
+)
+def test_download_chunks_decode_like_protobuf(
+    data: bytes, flag: bool | None, cuts: list[int]
+) -> None:
+    """Held in any number of pieces (the frames a message came in), cut
+    anywhere, key and length bytes included."""
     message = DownloadChunk(data=data)
     if flag is not None:
         message.source_is_dir = flag
-    got, got_flag = decode_download_chunk(message.SerializeToString())
-    assert (bytes(got), got_flag) == (data, flag)
+    body = message.SerializeToString()
+    bounds = [0, *sorted(min(cut, len(body)) for cut in cuts), len(body)]
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    got, got_flag = decode_download_chunk(pieces)
+    assert (b"".join(got), got_flag) == (data, flag)
 
 
 def test_unknown_fields_are_skipped() -> None:
@@ -72,8 +85,8 @@ def test_unknown_fields_are_skipped() -> None:
         + b"\x31"
         + b"\x00" * 8  # field 6, fixed64
     )
-    data, flag = decode_download_chunk(body)
-    assert (bytes(data), flag) == (b"abc", True)
+    data, flag = decode_download_chunk([body])
+    assert (b"".join(data), flag) == (b"abc", True)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +96,7 @@ def test_unknown_fields_are_skipped() -> None:
 )
 def test_malformed_download_chunks_are_refused(body: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 -- each case has its own reason
-        decode_download_chunk(body)
+        decode_download_chunk([body])
 
 
 @given(

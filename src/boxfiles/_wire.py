@@ -7,7 +7,8 @@ never spelled by hand).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar, final
 
@@ -220,24 +221,91 @@ def encode_metadata_only(first: UploadChunk) -> bytes:
     return _prefix(len(body)) + body
 
 
-def decode_download_chunk(body: bytes) -> tuple[memoryview, bool | None]:
-    """``(data, source_is_dir)`` of an encoded DownloadChunk, without copying
-    the data; ``source_is_dir`` is None when the field is absent.
+def decode_download_chunk(
+    pieces: Sequence[bytes | memoryview],
+) -> tuple[list[memoryview], bool | None]:
+    """``(data, source_is_dir)`` of an encoded DownloadChunk held in
+    ``pieces`` (the frames it came in): the data as views of them, never
+    copied or joined; ``source_is_dir`` is None when the field is absent.
 
     Unknown fields are skipped, as protobuf requires.
 
     Raises:
         ValueError: the bytes are not a well-formed message.
     """
-    view = memoryview(body)
-    data = view[:0]
+    data: list[memoryview] = []
     source_is_dir: bool | None = None
-    for field, wire_type, value, _ in _fields(view):
-        if field == 1 and isinstance(value, memoryview):
+    for field, wire_type, value, _, _ in _Cursor(pieces).fields():
+        if field == 1 and isinstance(value, list):
             data = value  # the last occurrence wins, as in protobuf
         elif field == 2 and wire_type == 0:
             source_is_dir = value != 0
     return data, source_is_dir
+
+
+@final
+class _Cursor:
+    """Reads an encoded message across the pieces it is held in."""
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self._pieces = deque(memoryview(piece) for piece in pieces if piece)
+        self._size = self.left = sum(len(piece) for piece in self._pieces)
+
+    def fields(self) -> Iterator[tuple[int, int, list[memoryview] | int, int, int]]:
+        """``(field, wire type, value, start, end)`` of each field: the value
+        is an int (varint), views (length-delimited) or 0 (fixed), and the
+        field, key included, spans ``start:end`` of the whole message.
+
+        Raises:
+            ValueError: the bytes are not a well-formed message.
+        """
+        while self.left:
+            start = self._size - self.left
+            key = self.varint()
+            field, wire_type = key >> 3, key & 7
+            value: list[memoryview] | int = 0
+            if wire_type == 0:
+                value = self.varint()
+            elif wire_type == 2:
+                value = self.take(self.varint())
+            elif wire_type in (1, 5):
+                self.take(8 if wire_type == 1 else 4)
+            else:
+                raise ValueError(f"unsupported wire type {wire_type}")
+            yield field, wire_type, value, start, self._size - self.left
+
+    def take(self, size: int) -> list[memoryview]:
+        """The next ``size`` bytes, as views."""
+        if size > self.left:
+            raise ValueError("truncated field")
+        self.left -= size
+        views = []
+        while size:
+            piece = self._pieces[0]
+            if len(piece) > size:
+                views.append(piece[:size])
+                self._pieces[0] = piece[size:]
+                break
+            views.append(self._pieces.popleft())
+            size -= len(piece)
+        return views
+
+    def varint(self) -> int:
+        result = shift = 0
+        while True:
+            if not self.left or shift > 63:
+                raise ValueError("truncated or overlong varint")
+            piece = self._pieces[0]
+            byte = piece[0]
+            if len(piece) == 1:
+                self._pieces.popleft()
+            else:
+                self._pieces[0] = piece[1:]
+            self.left -= 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
 
 
 def decode_upload_chunk(body: bytes) -> tuple[UploadChunk, memoryview]:
@@ -251,57 +319,13 @@ def decode_upload_chunk(body: bytes) -> tuple[UploadChunk, memoryview]:
     view = memoryview(body)
     data = view[:0]
     rest = []
-    for field, _, value, raw in _fields(view):
-        if field == _DATA_FIELD and isinstance(value, memoryview):
-            data = value  # the last occurrence wins, as in protobuf
+    for field, _, value, start, end in _Cursor([body]).fields():
+        if field == _DATA_FIELD and isinstance(value, list):
+            data = value[0] if value else view[:0]  # the last occurrence wins
         else:
-            rest.append(raw)
+            rest.append(view[start:end])
     try:
         metadata = UploadChunk.FromString(b"".join(rest))
     except DecodeError as err:
         raise ValueError(str(err)) from err
     return metadata, data
-
-
-def _fields(view: memoryview) -> Iterator[tuple[int, int, memoryview | int, memoryview]]:
-    """``(field, wire type, value, raw)`` of each field of an encoded message:
-    the value is an int (varint), a view (length-delimited) or 0 (fixed), and
-    ``raw`` the whole field, key included.
-
-    Raises:
-        ValueError: the bytes are not a well-formed message.
-    """
-    pos = 0
-    while pos < len(view):
-        start = pos
-        key, pos = _read_varint(view, pos)
-        field, wire_type = key >> 3, key & 7
-        value: memoryview | int = 0
-        if wire_type == 0:
-            value, pos = _read_varint(view, pos)
-        elif wire_type == 2:
-            length, pos = _read_varint(view, pos)
-            if pos + length > len(view):
-                raise ValueError("truncated length-delimited field")
-            value = view[pos : pos + length]
-            pos += length
-        elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
-            if pos > len(view):
-                raise ValueError("truncated fixed-width field")
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        yield field, wire_type, value, view[start:pos]
-
-
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(view) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = view[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 
 import boxfiles
 from boxfiles._aio import PEEK_WINDOW, STREAM_WINDOW
-from boxfiles._proto.files_pb2 import DownloadRequest, UploadChunk, UploadResponse
+from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._wire import DOWNLOAD, MAX_MESSAGE_BYTES, UPLOAD
 
 from ..helpers.archives import BytesReader
@@ -186,6 +187,52 @@ async def test_client_refuses_an_oversized_message(sock_dir: Path, tmp_path: Pat
                 await client.download_tar("/d", tmp_path / "out.tar")
         nursery.cancel_scope.cancel()
     assert not (tmp_path / "out.tar").exists()
+
+
+#: A message sent in 1-byte DATA frames: grpclib queued an entry per frame
+#: (some 500 bytes each: 50 MB for these) until small payloads were joined.
+TINY_FRAMES = 100_000
+
+
+async def test_a_message_in_tiny_frames_costs_little_memory(sock_dir: Path) -> None:
+    data = os.urandom(TINY_FRAMES - 11)
+    message = framed(DownloadChunk(data=data, source_is_dir=False).SerializeToString())
+    assert len(message) == TINY_FRAMES
+    async with h2_server(sock_dir / "h2.sock") as (target, peers), trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            peer = await peers.receive()
+            request = await peer.until(h2.events.RequestReceived)
+            sid = request.stream_id
+            assert sid is not None
+            peer.h2.send_headers(sid, GRPC_HEADERS)
+            for start in range(0, len(message), 4096):
+                for i in range(start, min(start + 4096, len(message))):
+                    peer.h2.send_data(sid, message[i : i + 1])
+                await peer.flush()
+            peer.h2.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            await peer.flush()
+            await trio.sleep_forever()
+
+        nursery.start_soon(serve)
+        got = bytearray()
+
+        class Sink:
+            async def write(self, piece: bytes) -> None:
+                got.extend(piece)
+
+        async with boxfiles.open_client(target) as client:
+            tracemalloc.start()
+            try:
+                with trio.fail_after(60):
+                    await client.download_tar("/d", Sink())
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        nursery.cancel_scope.cancel()
+    assert got == data
+    # The h2 peer's own bookkeeping for its frames is traced too.
+    assert peak < 8 * MiB, peak
 
 
 async def raw_call_status(server: str, path: str, body: bytes) -> int:

@@ -146,10 +146,17 @@ class ClientCall(Generic[SendT, RecvT]):
             raise IncompleteTransfer(f"malformed message {self._where}: {exc}") from exc
         return message
 
+    async def recv_pieces(self) -> list[memoryview] | None:
+        """The next message, encoded, as views of the frames it came in (for
+        the caller to decode without copying its payload), or None once the
+        peer ended its side cleanly."""
+        return await self._call(_frames.recv_pieces(self._stream))
+
     async def recv_encoded(self) -> bytes | None:
-        """The next message's encoded bytes (for the caller to decode without
-        copying its payload), or None once the peer ended its side cleanly."""
-        return await self._call(_frames.recv_encoded(self._stream))
+        """The next message's encoded bytes, or None once the peer ended its
+        side cleanly."""
+        pieces = await self.recv_pieces()
+        return None if pieces is None else b"".join(pieces)
 
     def initial_metadata(self) -> Mapping[str, str]:
         """The peer's initial metadata (empty until the first message or

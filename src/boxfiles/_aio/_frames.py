@@ -124,9 +124,10 @@ def _write_lock(connection: grpclib.protocol.Connection) -> asyncio.Lock:
     return lock
 
 
-async def recv_encoded(stream: grpclib.client.Stream[Any, Any]) -> bytes | None:
-    """grpclib's client recv_message without the decode: the next message's
-    bytes, or None once the peer ended its side."""
+async def recv_pieces(stream: grpclib.client.Stream[Any, Any]) -> list[memoryview] | None:
+    """grpclib's client recv_message without the decode or a copy: the next
+    message as views of the frames it came in, or None once the peer ended
+    its side."""
     if _internals.client_initial_metadata_pending(stream):
         await stream.recv_initial_metadata()
     with _internals.guarded(stream):
@@ -145,18 +146,19 @@ async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:
 
 
 async def recv_encoded_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes | None:
-    """grpclib's server recv_message without the decode."""
-    body = await _recv_body(_internals.h2_stream_of(stream))
-    if body is not None:
-        _internals.count_received_request(stream)
-    return body
+    """grpclib's server recv_message without the decode: the next message's
+    bytes (joined: the server decodes them whole)."""
+    pieces = await _recv_body(_internals.h2_stream_of(stream))
+    if pieces is None:
+        return None
+    _internals.count_received_request(stream)
+    return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
 
-async def _recv_body(h2_stream: grpclib.protocol.Stream) -> bytes | None:
-    prefix = await h2_stream.recv_data(5)
+async def _recv_body(h2_stream: grpclib.protocol.Stream) -> list[memoryview] | None:
+    prefix = b"".join(await _internals.read_pieces(h2_stream, 5))
     if not prefix:
         return None
-    # (A stream that ends inside a message fails in grpclib's Buffer.read.)
     if prefix[0]:
         raise grpclib.exceptions.ProtocolError("compressed messages are not supported")
     size = int.from_bytes(prefix[1:5], "big")
@@ -164,4 +166,7 @@ async def _recv_body(h2_stream: grpclib.protocol.Stream) -> bytes | None:
         raise MessageTooLarge(
             f"a message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes"
         )
-    return await h2_stream.recv_data(size)
+    body = await _internals.read_pieces(h2_stream, size)
+    if size and not body:
+        raise grpclib.exceptions.ProtocolError("the stream ended inside a message")
+    return body

@@ -254,6 +254,83 @@ def receive_frames_as_views(protocol: grpclib.protocol.H2Protocol) -> None:
 # send_message / recv_message would.
 
 
+#: DATA payloads shorter than this are joined, while unread, to the small
+#: one before them, up to COALESCE_UP_TO bytes: grpclib queues an entry per
+#: frame, some 500 bytes each, and a peer sending 1-byte frames would make
+#: a 1 MiB message cost 500 MiB. Larger payloads stay views (not copied).
+COALESCE_BELOW = 4096
+COALESCE_UP_TO = 64 * 1024
+
+
+def _coalescing_add(self: grpclib.protocol.Buffer, data: bytes, ack_size: int) -> None:
+    queue: deque[Any] = self._unacked._queue  # type: ignore[attr-defined]  # not yet read
+    if 0 < len(data) < COALESCE_BELOW and queue:
+        last = queue[-1]
+        # A bytearray in the queue has no view of it yet (read_pieces makes
+        # one when it takes the entry), so it may grow.
+        if (
+            last.ack_size
+            and 0 < last.data_size < COALESCE_UP_TO
+            and len(last.data) < COALESCE_UP_TO
+        ):
+            joined = last.data if type(last.data) is bytearray else bytearray(last.data)
+            joined += data
+            queue[-1] = grpclib.protocol.UnackedData(
+                joined,  # type: ignore[arg-type]  # read as a view, as bytes are
+                last.data_size + len(data),
+                last.ack_size + ack_size,
+            )
+            return
+    self._unacked.put_nowait(grpclib.protocol.UnackedData(data, len(data), ack_size))
+
+
+# grpclib's Buffer.add, with small payloads joined (see COALESCE_BELOW); the
+# same bytes, in the same order, acknowledged in the same total.
+grpclib.protocol.Buffer.add = _coalescing_add  # type: ignore[method-assign]
+
+
+async def read_pieces(h2_stream: grpclib.protocol.Stream, size: int) -> list[memoryview]:
+    """grpclib's ``Buffer.read`` without its final join: the next ``size``
+    bytes of the stream as views of the DATA frames they came in (a
+    message's data is then written from them, never copied in Python).
+    Acknowledged to the peer as Buffer.read does. Buffer has no way to
+    take its chunks but its private fields (the same from 0.4.7 to 0.4.9).
+
+    An empty list when the stream ended before any of them.
+
+    Raises:
+        grpclib.exceptions.ProtocolError: the stream ended partway.
+    """
+    buffer = h2_stream.buffer
+    if not buffer._eof or not buffer._unacked.empty():
+        while buffer._acked_size < size:
+            data, data_size, ack_size = await buffer._unacked.get()
+            if not ack_size:  # the end of the stream
+                break
+            buffer._acked.append(grpclib.protocol.AckedData(memoryview(data), data_size))
+            buffer._acked_size += data_size
+            buffer._ack_callback(ack_size)
+    if buffer._acked_size == 0:
+        return []
+    if buffer._acked_size < size:
+        raise grpclib.exceptions.ProtocolError("the stream ended inside a message")
+    pieces = []
+    taken = 0
+    while taken < size:
+        chunk, chunk_size = buffer._acked[0]
+        if taken + chunk_size <= size:
+            pieces.append(chunk)
+            taken += chunk_size
+            buffer._acked.popleft()
+        else:
+            offset = size - taken
+            pieces.append(chunk[:offset])
+            buffer._acked[0] = grpclib.protocol.AckedData(chunk[offset:], chunk_size - offset)
+            taken = size
+    buffer._acked_size -= size
+    return pieces
+
+
 def h2_stream_of(
     stream: grpclib.client.Stream[Any, Any] | grpclib.server.Stream[Any, Any],
 ) -> grpclib.protocol.Stream:

@@ -119,7 +119,7 @@ class Calls:
                     DOWNLOAD, grpc_timeout=self.timeout, peek=True
                 ) as call:
                     await call.send(request, end=True)
-                    body = await call.recv_encoded()
+                    body = await call.recv_pieces()
                     if body is not None:
                         try:
                             is_dir = decode_download_chunk(body)[1]
@@ -207,14 +207,16 @@ async def _download(
     writer: ChunkWriter,
     meter: Meter,
 ) -> bool | None:
-    send_chunks, receive_chunks = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
+    # A message's data as the views of the frames it came in: written from
+    # them, never joined.
+    send_chunks, receive_chunks = trio.open_memory_channel[list[memoryview]](CHANNEL_CAPACITY)
     source_is_dir: bool | None = None
 
     async def receive() -> None:
         nonlocal source_is_dir
         await call.send(request, end=True)
         first = True
-        while (body := await call.recv_encoded()) is not None:
+        while (body := await call.recv_pieces()) is not None:
             try:
                 data, flag = decode_download_chunk(body)
             except ValueError as err:
@@ -237,15 +239,15 @@ async def _download(
             async for data in receive_chunks:
                 # Small chunks already queued go in the same write: see
                 # WRITE_BATCH_BYTES.
-                batch = [data]
-                size = len(data)
+                batch = data
+                size = sum(map(len, data))
                 while size < WRITE_BATCH_BYTES:
                     try:
                         data = receive_chunks.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    batch.append(data)
-                    size += len(data)
+                    batch += data
+                    size += sum(map(len, data))
                 await writer.write(batch)
 
     await supervise(receive, write)
