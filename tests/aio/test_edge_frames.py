@@ -167,10 +167,7 @@ async def test_client_refuses_an_oversized_message(sock_dir: Path, tmp_path: Pat
 
         async def serve() -> None:
             peer = await peers.receive()
-            request = await peer.until(h2.events.RequestReceived)
-            sid = request.stream_id
-            assert sid is not None
-            peer.h2.send_headers(sid, GRPC_HEADERS)
+            sid = await peer.answer()
             # Declares 384 MiB; sends a little of it.
             peer.h2.send_data(sid, framed(b"x" * 1000, declared=384 * MiB))
             await peer.flush()
@@ -202,10 +199,7 @@ async def test_a_message_in_tiny_frames_costs_little_memory(sock_dir: Path) -> N
 
         async def serve() -> None:
             peer = await peers.receive()
-            request = await peer.until(h2.events.RequestReceived)
-            sid = request.stream_id
-            assert sid is not None
-            peer.h2.send_headers(sid, GRPC_HEADERS)
+            sid = await peer.answer()
             for start in range(0, len(message), 4096):
                 for i in range(start, min(start + 4096, len(message))):
                     peer.h2.send_data(sid, message[i : i + 1])

@@ -36,6 +36,13 @@ class Peer:
         while data:  # a socket may take part of a large write
             data = data[await self.conn.send(data) :]
 
+    async def answer(self) -> int:
+        """Wait for a call and send its response headers; its stream id."""
+        request = await self.until(h2.events.RequestReceived)
+        sid: int = request.stream_id
+        self.h2.send_headers(sid, GRPC_HEADERS)
+        return sid
+
     async def until(self, kind: type[Any]) -> Any:
         """Read until an event of ``kind`` arrives (EOF raises EOFError)."""
         while True:
