@@ -152,7 +152,7 @@ async def recv_encoded_from_client(stream: grpclib.server.Stream[Any, Any]) -> b
     if pieces is None:
         return None
     _internals.count_received_request(stream)
-    return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+    return b"".join(pieces)
 
 
 async def _recv_body(h2_stream: grpclib.protocol.Stream) -> list[memoryview] | None:

@@ -255,9 +255,9 @@ def receive_frames_as_views(protocol: grpclib.protocol.H2Protocol) -> None:
 
 
 #: DATA payloads shorter than this are joined, while unread, to the small
-#: one before them, up to COALESCE_UP_TO bytes: grpclib queues an entry per
+#: ones before them, up to COALESCE_UP_TO bytes: grpclib queues an entry per
 #: frame, some 500 bytes each, and a peer sending 1-byte frames would make
-#: a 1 MiB message cost 500 MiB. Larger payloads stay views (not copied).
+#: a 1 MiB message cost 500 MiB. Larger payloads stay views (never copied).
 COALESCE_BELOW = 4096
 COALESCE_UP_TO = 64 * 1024
 
@@ -266,14 +266,16 @@ def _coalescing_add(self: grpclib.protocol.Buffer, data: bytes, ack_size: int) -
     queue: deque[Any] = self._unacked._queue  # type: ignore[attr-defined]  # not yet read
     if 0 < len(data) < COALESCE_BELOW and queue:
         last = queue[-1]
-        # A bytearray in the queue has no view of it yet (read_pieces makes
-        # one when it takes the entry), so it may grow.
+        # Only small payloads, or ones already joined: a bytearray in the
+        # queue has no view of it yet (read_pieces makes one when it takes
+        # the entry), so it may grow; the end of the stream has no ack_size.
+        joining = type(last.data) is bytearray
         if (
             last.ack_size
-            and 0 < last.data_size < COALESCE_UP_TO
-            and len(last.data) < COALESCE_UP_TO
+            and (joining or 0 < last.data_size < COALESCE_BELOW)
+            and last.data_size < COALESCE_UP_TO
         ):
-            joined = last.data if type(last.data) is bytearray else bytearray(last.data)
+            joined = last.data if joining else bytearray(last.data)
             joined += data
             queue[-1] = grpclib.protocol.UnackedData(
                 joined,  # type: ignore[arg-type]  # read as a view, as bytes are

@@ -121,7 +121,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         #: Called with each new protocol once its connection is made (the
         #: bridge tunes HTTP/2 settings there).
         self.on_connection: Callable[[asyncio.BaseProtocol], None] | None = None
-        #: Applied by listeners made after it is set; None: no limits.
         #: Makes (and starts) the listener of create_server; set by a server.
         self.make_listener: MakeListener | None = None
 
