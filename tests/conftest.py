@@ -41,6 +41,8 @@ async def server(root: Path, sock_dir: Path) -> AsyncIterator[str]:
 
 @pytest.fixture
 def sink(sock_dir: Path) -> Iterator[str]:
+    """A grpcio upload sink in a process of its own (tests/helpers/grpcio_sink.py),
+    so its allocations stay out of a test's measurements; yields its target."""
     path = sock_dir / "sink.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.helpers.grpcio_sink", str(path)],
