@@ -133,7 +133,8 @@ def test_received_views_give_h2s_events_at_every_split(read_size: int) -> None:
 def test_a_data_payload_is_a_view_of_the_read_it_came_in() -> None:
     sent, _ = sent_to_a_server()
     server = a_server(views=True)
-    read = bytes(sent)
+    # A read ending with the first DATA frame, most of it that frame.
+    read = bytes(sent[: sent.index(bytes([FRAME_LIMIT % 251]) * 64) + FRAME_LIMIT])
     data = [e for e in server.receive_data(read) if isinstance(e, h2.events.DataReceived)]
     assert isinstance(data[0].data, memoryview)
     assert data[0].data.obj is read  # no copy of the first FRAME_LIMIT bytes
@@ -141,11 +142,13 @@ def test_a_data_payload_is_a_view_of_the_read_it_came_in() -> None:
 
 
 def test_small_payloads_do_not_keep_large_reads_alive() -> None:
-    # One large read holding frames of every size: a payload under a
-    # 1/VIEW_MIN_SHARE share of it is copied out, so it pins nothing.
+    # Large reads holding frames of every size: a payload under a
+    # 1/VIEW_MIN_SHARE share of its read is copied out, so it pins nothing.
     sent, _ = sent_to_a_server()
-    read = bytes(sent)
-    events = a_server(views=True).receive_data(read)
+    server = a_server(views=True)
+    events = [
+        e for i in range(0, len(sent), 200_000) for e in server.receive_data(sent[i : i + 200_000])
+    ]
     data = [e.data for e in events if isinstance(e, h2.events.DataReceived)]
     assert any(isinstance(d, memoryview) for d in data)
     for d in data:

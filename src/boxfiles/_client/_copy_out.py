@@ -15,6 +15,7 @@ import posixpath
 import secrets
 import stat
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import final
 
@@ -30,7 +31,7 @@ from .._wire import (
     check_container_id,
     check_path,
 )
-from ._local import describe_oserror, local_error, local_path
+from ._local import ChunkWriter, describe_oserror, local_error, local_path
 from ._place import Placement, times_of
 from ._progress import Meter, Progress, check_progress
 from ._transfer import Calls
@@ -240,20 +241,19 @@ def _write_file(
         os.close(fd)
 
 
-@final
-class _ChannelWriter:
-    """An AsyncWriter for ``download_tar`` into the extractor's channel."""
+def _channel_writer(channel: trio.MemorySendChannel[Sequence[bytes | memoryview]]) -> ChunkWriter:
+    """Where the download writes: the extractor's channel, each batch as the
+    views it came in (the extractor writes files from them, never joined)."""
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes]) -> None:
-        self._channel = channel
-
-    async def write(self, data: bytes) -> None:
+    async def write(pieces: Sequence[bytes | memoryview]) -> None:
         try:
-            await self._channel.send(data)
+            await channel.send(pieces)
         except trio.BrokenResourceError:
             # The extractor stopped; its error (raised in the same nursery)
             # says why, and this task is about to be cancelled.
             await trio.sleep_forever()
+
+    return ChunkWriter(write)
 
 
 #: Names inside the staging directory: the archive's tree, and the trash
@@ -384,7 +384,9 @@ async def copy_out(
         raise LocalIOError(f"cannot write {dest_text}: {describe_oserror(err)}") from err
     staging = os.path.join(target.base_path, target.staging, _TREE)
     meter = Meter(progress, None)
-    send_chunks, receive_chunks = trio.open_memory_channel[bytes](1)
+    # Unbuffered: the download queues its CHANNEL_CAPACITY chunks already, so
+    # a batch is handed over only when the extractor takes it.
+    send_chunks, receive_chunks = trio.open_memory_channel[Sequence[bytes | memoryview]](0)
     extracted: _Extracted | None = None
 
     async def extract() -> None:
@@ -404,7 +406,7 @@ async def copy_out(
         async with send_chunks:
             await calls.download(
                 src_path,
-                _ChannelWriter(send_chunks),
+                _channel_writer(send_chunks),
                 meter,
                 container_id=container_id,
                 include_parent=True,

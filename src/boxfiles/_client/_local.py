@@ -381,8 +381,9 @@ def part_name(final_path: Path) -> Path:
 
 
 @asynccontextmanager
-async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
-    """Open ``dest`` (a path, or an object with async ``write``) for writing.
+async def open_destination(dest: Destination | ChunkWriter) -> AsyncIterator[ChunkWriter]:
+    """Open ``dest`` (a path, or an object with async ``write``) for writing;
+    a ChunkWriter (copy_out's extractor) is used as it is.
 
     A path is written through a hidden temporary file in the same directory
     that replaces ``dest`` only when the block exits cleanly; on any error or
@@ -392,6 +393,9 @@ async def open_destination(dest: Destination) -> AsyncIterator[ChunkWriter]:
         LocalIOError: the temporary file cannot be created, written or renamed.
         TypeError: ``dest`` is neither a path nor a writer.
     """
+    if isinstance(dest, ChunkWriter):
+        yield dest
+        return
     if _has_method(dest, "write"):
         yield ChunkWriter(_object_write_fn(cast(AsyncWriter, dest)))
         return

@@ -81,7 +81,7 @@ class Calls:
     async def download(
         self,
         src_path: str,
-        dest: Destination,
+        dest: Destination | ChunkWriter,
         meter: Meter,
         *,
         container_id: str | None,

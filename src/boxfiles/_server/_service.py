@@ -302,7 +302,7 @@ class FilesService:
         staging: Staging,
         transfer: _Transfer,
     ) -> Staged:
-        send_data, receive_data = trio.open_memory_channel[memoryview](CHANNEL_CAPACITY)
+        send_data, receive_data = trio.open_memory_channel[tuple[memoryview]](CHANNEL_CAPACITY)
         cap = self._max_upload_bytes
         staged: Staged | None = None
 
@@ -317,7 +317,7 @@ class FilesService:
                                 f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
                             )
                         try:
-                            await send_data.send(data)
+                            await send_data.send((data,))
                         except trio.BrokenResourceError:
                             return  # the extractor failed; its error explains why
                     body = await transfer.from_client(

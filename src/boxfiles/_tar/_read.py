@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from typing import cast, final
 
 import trio
@@ -58,17 +59,23 @@ class TruncatedArchive(tarfile.ReadError):
 class ChunkStream:
     """A forward-only, blocking byte stream over a trio channel of chunks.
 
-    Used from a worker thread. Each chunk is received, and the one before it
-    released, in the trio thread that allocated it (glibc then reuses that
+    Used from a worker thread. A chunk is a sequence of pieces (a download's
+    message as the frames it came in, never joined). Each chunk is received,
+    and the one before it released, in the trio thread that allocated it (glibc then reuses that
     memory for the next chunk rather than faulting in fresh pages). A receive
     inherits the host task's cancellation, so a cancelled transfer stops the
     thread at its next chunk.
     """
 
-    def __init__(self, channel: trio.MemoryReceiveChannel[bytes | memoryview]) -> None:
+    def __init__(self, channel: trio.MemoryReceiveChannel[Sequence[bytes | memoryview]]) -> None:
         self._channel = channel
+        #: The chunk received last, as the pieces it came in (a download's
+        #: frames), held until the next is received; the piece being read,
+        #: where in it, and the next piece's index.
+        self._pieces: Sequence[bytes | memoryview] = ()
         self._chunk: bytes | memoryview = b""
         self._start = 0
+        self._next = 0
         #: Bytes handed out or skipped so far.
         self.taken = 0
         #: The channel has ended: every byte has been received.
@@ -85,17 +92,24 @@ class ChunkStream:
         self._global_header_bytes = 0
 
     async def _refill(self) -> None:
+        # Drops every view of the chunk before, here in the trio thread.
+        self._pieces, self._next, self._chunk, self._start = (), 0, b"", 0
         try:
-            chunk = await self._channel.receive()
+            self._pieces = await self._channel.receive()
         except trio.EndOfChannel:
             self.eof = True
-            chunk = b""
-        self._chunk, self._start = chunk, 0
 
     def _available(self) -> int:
-        """Bytes left in the current chunk, refilling it when used up (0 at the end)."""
-        while self._start == len(self._chunk) and not self.eof:
-            trio.from_thread.run(self._refill)
+        """Bytes left in the current piece, moving on to the next when it is
+        used up (0 at the end)."""
+        while self._start == len(self._chunk):
+            if self._next < len(self._pieces):
+                self._chunk, self._start = self._pieces[self._next], 0
+                self._next += 1
+            elif self.eof:
+                break
+            else:
+                trio.from_thread.run(self._refill)
         return len(self._chunk) - self._start
 
     def _advance(self, count: int) -> None:
