@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -110,17 +111,22 @@ def a_server(views: bool) -> h2.connection.H2Connection:
     return server
 
 
-def received(server: h2.connection.H2Connection, reads: list[bytes]) -> list[tuple[object, ...]]:
-    events = [event for read in reads for event in server.receive_data(read)]
-    return [
-        (
+def received(server: h2.connection.H2Connection, reads: list[bytes]) -> list[tuple[Any, ...]]:
+    """The events ``reads`` give, a stream's DataReceived events in a row
+    merged: a frame spanning reads is handed on in parts, one per read."""
+    events: list[tuple[Any, ...]] = []
+    for e in (event for read in reads for event in server.receive_data(read)):
+        row = (
             type(e).__name__,
             getattr(e, "stream_id", None),
             bytes(getattr(e, "data", b"") or b""),
             getattr(e, "flow_controlled_length", None),
         )
-        for e in events
-    ]
+        if row[0] == "DataReceived" and events and events[-1][:2] == row[:2]:
+            _, sid, data, length = events.pop()
+            row = (row[0], sid, data + row[2], length + row[3])
+        events.append(row)
+    return events
 
 
 @pytest.mark.parametrize("read_size", [1, 5, 9, 10, 4096, 65_536, 256 * 1024, 1 << 30])
@@ -139,6 +145,30 @@ def test_a_data_payload_is_a_view_of_the_read_it_came_in() -> None:
     assert isinstance(data[0].data, memoryview)
     assert data[0].data.obj is read  # no copy of the first FRAME_LIMIT bytes
     assert len(data[0].data) == FRAME_LIMIT
+
+
+def test_a_frame_spanning_reads_is_handed_on_in_parts_without_a_copy() -> None:
+    sent, sid = sent_to_a_server()
+    server = a_server(views=True)
+    start = sent.index(bytes([FRAME_LIMIT % 251]) * 64)  # the first DATA frame's payload
+    reads = [bytes(sent[: start + 70_000]), bytes(sent[start + 70_000 : start + FRAME_LIMIT + 9])]
+    data = [
+        e
+        for read in reads
+        for e in server.receive_data(read)
+        if isinstance(e, h2.events.DataReceived)
+    ]
+    # The frame's two parts, each a view of its own read, then the next frame.
+    assert [len(e.data) for e in data[:2]] == [70_000, FRAME_LIMIT - 70_000]
+    for event, read in zip(data[:2], reads, strict=True):
+        assert isinstance(event.data, memoryview)
+        assert event.data.obj is read
+    assert [e.flow_controlled_length for e in data[:2]] == [70_000, FRAME_LIMIT - 70_000]
+    plain = a_server(views=False)
+    for read in reads:
+        plain.receive_data(read)
+    assert server.local_flow_control_window(sid) == plain.local_flow_control_window(sid)
+    assert server.inbound_flow_control_window == plain.inbound_flow_control_window
 
 
 def test_small_payloads_do_not_keep_large_reads_alive() -> None:

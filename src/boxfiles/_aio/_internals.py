@@ -145,8 +145,10 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     h2 copies every received byte three times before its DataReceived event
     (into its bytearray, a slice of it per frame, ``tobytes`` in hyperframe's
     ``parse_body``): most of what a download costs in Python. This one keeps
-    the reads and hands a DATA frame's payload on as a view of the read it
-    came in; only a frame split across reads is joined (one copy of it).
+    the reads and hands a DATA frame's payload on as views of the reads it
+    came in: a frame spanning reads goes on in parts, one per read, as if
+    the peer had sent it as several frames (the same bytes, flow-controlled
+    in the same total, END_STREAM on the last part), so nothing is joined.
     Everything else is h2's: its frame-size check, its CONTINUATION
     handling, its frame classes. h2 has no option for it; its connection
     reads ``incoming_buffer`` on every ``receive_data``.
@@ -159,6 +161,11 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
         self._preamble_len = old._preamble_len
         self._reads: deque[memoryview] = deque()  # received, not yet parsed
         self._size = 0  # bytes in _reads
+        # A DATA frame handed on in parts: its bytes still to come, its
+        # stream, and whether it ends the stream.
+        self._data_left = 0
+        self._data_stream = 0
+        self._data_ends = False
 
     def add_data(self, data: Any) -> None:
         # A view of a mutable buffer would change under the frames it made.
@@ -194,51 +201,78 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
             size -= len(piece)
         return memoryview(b"".join(pieces))
 
+    def _data_part(self, frame: hyperframe.frame.DataFrame | None) -> hyperframe.frame.DataFrame:
+        """The next part of the DATA frame being handed on: what of it the
+        first read holds. ``frame`` is the frame's own header for its first
+        part, None for the parts after it."""
+        size = min(self._data_left, len(self._reads[0]))
+        self._data_left -= size
+        if frame is None:
+            frame = hyperframe.frame.DataFrame(self._data_stream)
+            if self._data_ends and not self._data_left:
+                frame.flags.add("END_STREAM")
+        elif self._data_left:
+            frame.flags.discard("END_STREAM")
+        part = self._take(size)
+        # A part under its share of the read is copied, not kept as a view.
+        frame.data = part if size * VIEW_MIN_SHARE >= len(cast(bytes, part.obj)) else part.tobytes()  # type: ignore[assignment]
+        frame.body_len = size
+        return frame
+
     def __next__(self) -> hyperframe.frame.Frame:
         while True:  # a loop where h2 recurses past a CONTINUATION
-            if self._size < 9:
-                raise StopIteration
-            first = self._reads[0]
-            if len(first) >= 9:
-                header = first[:9]
-            else:  # a header split across reads: copy its nine bytes only
-                joined = bytearray()
-                for piece in self._reads:
-                    joined += piece[: 9 - len(joined)]
-                    if len(joined) == 9:
-                        break
-                header = memoryview(bytes(joined))
-            try:
-                frame, length = hyperframe.frame.Frame.parse_frame_header(header)
-            except (
-                hyperframe.exceptions.InvalidDataError,
-                hyperframe.exceptions.InvalidFrameError,
-            ) as err:
-                raise h2.exceptions.ProtocolError(
-                    f"Received frame with invalid header: {err!s}"
-                ) from err
-            # Refused on its header, not once a frame too long is buffered.
-            self._validate_frame_length(length)
-            if self._size < 9 + length:
-                raise StopIteration
-            body = self._take(9 + length)[9:]
-            try:
-                if (
-                    isinstance(frame, hyperframe.frame.DataFrame)
-                    and "PADDED" not in frame.flags
-                    and length * VIEW_MIN_SHARE >= len(cast(bytes, body.obj))
-                ):
-                    frame.data = body  # type: ignore[assignment]
-                    frame.body_len = length
-                else:
-                    frame.parse_body(body)
-            except hyperframe.exceptions.InvalidDataError as err:
-                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
-            except hyperframe.exceptions.InvalidFrameError as err:
-                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+            if self._data_left:
+                if not self._size:
+                    raise StopIteration
+                frame: hyperframe.frame.Frame = self._data_part(None)
+            else:
+                frame = self._next_frame()
             complete = self._update_header_buffer(frame)
             if complete is not None:
                 return complete
+
+    def _next_frame(self) -> hyperframe.frame.Frame:
+        """The next frame, or the first part of a DATA frame."""
+        if self._size < 9:
+            raise StopIteration
+        first = self._reads[0]
+        if len(first) >= 9:
+            header = first[:9]
+        else:  # a header split across reads: copy its nine bytes only
+            joined = bytearray()
+            for piece in self._reads:
+                joined += piece[: 9 - len(joined)]
+                if len(joined) == 9:
+                    break
+            header = memoryview(bytes(joined))
+        try:
+            frame, length = hyperframe.frame.Frame.parse_frame_header(header)
+        except (
+            hyperframe.exceptions.InvalidDataError,
+            hyperframe.exceptions.InvalidFrameError,
+        ) as err:
+            raise h2.exceptions.ProtocolError(
+                f"Received frame with invalid header: {err!s}"
+            ) from err
+        # Refused on its header, not once a frame too long is buffered.
+        self._validate_frame_length(length)
+        if isinstance(frame, hyperframe.frame.DataFrame) and length and "PADDED" not in frame.flags:
+            if self._size == 9:
+                raise StopIteration  # the header alone: parsed again with its data
+            self._take(9)
+            self._data_left = length
+            self._data_stream = frame.stream_id
+            self._data_ends = "END_STREAM" in frame.flags
+            return self._data_part(frame)
+        if self._size < 9 + length:
+            raise StopIteration
+        try:
+            frame.parse_body(self._take(9 + length)[9:])
+        except hyperframe.exceptions.InvalidDataError as err:
+            raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+        except hyperframe.exceptions.InvalidFrameError as err:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+        return frame
 
 
 def receive_frames_as_views(protocol: grpclib.protocol.H2Protocol) -> None:
