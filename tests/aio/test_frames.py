@@ -11,14 +11,21 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
 
 import boxfiles
-from boxfiles._aio import FRAME_LIMIT, UNIX_SEND_BUFFER
-from boxfiles._aio._internals import VIEW_MIN_SHARE, ViewFrameBuffer, send_data_frame
+from boxfiles._aio import FRAME_LIMIT, RECEIVE_FRAME_LIMIT, UNIX_SEND_BUFFER
+from boxfiles._aio._internals import (
+    MAX_HEADER_BLOCK_BYTES,
+    PARTS_ABOVE,
+    VIEW_MIN_SHARE,
+    ViewFrameBuffer,
+    send_data_frame,
+)
 
 from ..helpers.archives import BytesReader, files
 
@@ -77,20 +84,24 @@ def test_refused_on_a_stream_that_has_ended() -> None:
     assert conn.outbound_flow_control_window == window
 
 
+#: The largest DATA frame sent_to_a_server sends: taken in parts.
+BIG = 2 * PARTS_ABOVE + 1
+
+
 def sent_to_a_server() -> tuple[bytes, int]:
-    """What a client sends a server that accepts FRAME_LIMIT frames: its
+    """What a client sends a server that accepts RECEIVE_FRAME_LIMIT frames: its
     preamble and settings, then on one stream HEADERS, DATA frames of many
     sizes (one padded), a PING between them, and END_STREAM."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     client.update_settings({})  # a SETTINGS frame after the preamble's
     client.local_settings.acknowledge()
-    client.max_outbound_frame_size = FRAME_LIMIT
+    client.max_outbound_frame_size = RECEIVE_FRAME_LIMIT
     client.outbound_flow_control_window = 2**30
     sid = client.get_next_available_stream_id()
     client.send_headers(sid, HEADERS)
     client.streams[sid].outbound_flow_control_window = 2**30
-    for size in (FRAME_LIMIT, 1, 9, 16_384, FRAME_LIMIT - 1, 70_000):
+    for size in (BIG, 1, 9, 16_384, PARTS_ABOVE, PARTS_ABOVE + 1, 70_000):
         client.send_data(sid, bytes([size % 251]) * size)
     client.send_data(sid, b"padded", pad_length=7)
     client.ping(b"8 bytes!")
@@ -101,8 +112,8 @@ def sent_to_a_server() -> tuple[bytes, int]:
 def a_server(views: bool) -> h2.connection.H2Connection:
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     server.initiate_connection()
-    server.max_inbound_frame_size = FRAME_LIMIT
-    server.local_settings.max_frame_size = FRAME_LIMIT
+    server.max_inbound_frame_size = RECEIVE_FRAME_LIMIT
+    server.local_settings.max_frame_size = RECEIVE_FRAME_LIMIT
     server.local_settings.initial_window_size = 2**31 - 1
     server.local_settings.acknowledge()
     server.increment_flow_control_window(2**30)
@@ -140,18 +151,21 @@ def test_a_data_payload_is_a_view_of_the_read_it_came_in() -> None:
     sent, _ = sent_to_a_server()
     server = a_server(views=True)
     # A read ending with the first DATA frame, most of it that frame.
-    read = bytes(sent[: sent.index(bytes([FRAME_LIMIT % 251]) * 64) + FRAME_LIMIT])
+    read = bytes(sent[: sent.index(bytes([BIG % 251]) * 64) + BIG])
     data = [e for e in server.receive_data(read) if isinstance(e, h2.events.DataReceived)]
     assert isinstance(data[0].data, memoryview)
-    assert data[0].data.obj is read  # no copy of the first FRAME_LIMIT bytes
-    assert len(data[0].data) == FRAME_LIMIT
+    assert data[0].data.obj is read  # no copy of the first BIG bytes
+    assert len(data[0].data) == BIG
 
 
 def test_a_frame_spanning_reads_is_handed_on_in_parts_without_a_copy() -> None:
     sent, sid = sent_to_a_server()
     server = a_server(views=True)
-    start = sent.index(bytes([FRAME_LIMIT % 251]) * 64)  # the first DATA frame's payload
-    reads = [bytes(sent[: start + 70_000]), bytes(sent[start + 70_000 : start + FRAME_LIMIT + 9])]
+    start = sent.index(bytes([BIG % 251]) * 64)  # the first DATA frame's payload
+    reads = [
+        bytes(sent[: start + 70_000]),
+        bytes(sent[start + 70_000 : start + BIG + 9]),
+    ]
     data = [
         e
         for read in reads
@@ -159,16 +173,30 @@ def test_a_frame_spanning_reads_is_handed_on_in_parts_without_a_copy() -> None:
         if isinstance(e, h2.events.DataReceived)
     ]
     # The frame's two parts, each a view of its own read, then the next frame.
-    assert [len(e.data) for e in data[:2]] == [70_000, FRAME_LIMIT - 70_000]
+    assert [len(e.data) for e in data[:2]] == [70_000, BIG - 70_000]
     for event, read in zip(data[:2], reads, strict=True):
         assert isinstance(event.data, memoryview)
         assert event.data.obj is read
-    assert [e.flow_controlled_length for e in data[:2]] == [70_000, FRAME_LIMIT - 70_000]
+    assert [e.flow_controlled_length for e in data[:2]] == [70_000, BIG - 70_000]
     plain = a_server(views=False)
     for read in reads:
         plain.receive_data(read)
     assert server.local_flow_control_window(sid) == plain.local_flow_control_window(sid)
     assert server.inbound_flow_control_window == plain.inbound_flow_control_window
+
+
+def test_a_frame_up_to_parts_above_spanning_reads_is_taken_whole() -> None:
+    sent, _ = sent_to_a_server()
+    start = sent.index(bytes([PARTS_ABOVE % 251]) * PARTS_ABOVE)
+    reads = [bytes(sent[: start + 1000]), bytes(sent[start + 1000 : start + PARTS_ABOVE])]
+    server = a_server(views=True)
+    data = [
+        e
+        for read in reads
+        for e in server.receive_data(read)
+        if isinstance(e, h2.events.DataReceived)
+    ]
+    assert len(data[-1].data) == PARTS_ABOVE  # one event, joined once
 
 
 def test_small_payloads_do_not_keep_large_reads_alive() -> None:
@@ -191,9 +219,41 @@ def test_an_overlong_frame_is_refused_on_its_header() -> None:
     server = a_server(views=True)
     # Up to the padded frame: its 9-byte header and pad length come before b"padded".
     server.receive_data(sent[: sent.index(b"padded") - 10])
-    header = (FRAME_LIMIT + 1).to_bytes(3, "big") + bytes([0, 0]) + sid.to_bytes(4, "big")
+    header = (RECEIVE_FRAME_LIMIT + 1).to_bytes(3, "big") + bytes([0, 0]) + sid.to_bytes(4, "big")
     with pytest.raises(h2.exceptions.FrameTooLargeError):
         server.receive_data(header)  # its body need not arrive first
+
+
+def test_a_header_block_over_its_bound_is_refused_on_its_frame_header() -> None:
+    # HEADERS without END_HEADERS, then CONTINUATIONs: refused once the block
+    # would pass MAX_HEADER_BLOCK_BYTES, before the frame's body arrives.
+    server = a_server(views=True)
+    server.receive_data(sent_to_a_server()[0][:24])  # the preamble
+    hpack_block = bytes(16_384)
+    headers = len(hpack_block).to_bytes(3, "big") + bytes([1, 0]) + (1).to_bytes(4, "big")
+    server.receive_data(headers + hpack_block)
+    continuation = len(hpack_block).to_bytes(3, "big") + bytes([9, 0]) + (1).to_bytes(4, "big")
+    for _ in range(MAX_HEADER_BLOCK_BYTES // len(hpack_block) - 1):
+        server.receive_data(continuation + hpack_block)
+    with pytest.raises(h2.exceptions.DenialOfServiceError, match="header block"):
+        server.receive_data(continuation)
+    goaway = server.data_to_send()[-17:]
+    assert goaway[:9] == bytes([0, 0, 8, 7, 0, 0, 0, 0, 0])
+    assert int.from_bytes(goaway[-4:], "big") == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert server.state_machine.state == h2.connection.ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize("kind", [7, 0xBB])  # GOAWAY; an extension type h2 ignores
+def test_a_large_frame_other_than_data_is_refused_on_its_header(kind: int) -> None:
+    server = a_server(views=True)
+    server.receive_data(sent_to_a_server()[0][:24])
+    header = (MAX_HEADER_BLOCK_BYTES + 1).to_bytes(3, "big") + bytes([kind, 0]) + bytes(4)
+    with pytest.raises(h2.exceptions.DenialOfServiceError):
+        server.receive_data(header)
+    server = a_server(views=True)
+    server.receive_data(sent_to_a_server()[0][:24])
+    header = (MAX_HEADER_BLOCK_BYTES).to_bytes(3, "big") + bytes([kind, 0]) + bytes(4)
+    server.receive_data(header)  # at the bound: waits for its body
 
 
 def test_a_reused_read_buffer_does_not_change_received_data() -> None:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._aio import FRAME_LIMIT
+from boxfiles._aio import RECEIVE_FRAME_LIMIT
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 
 from ..helpers.archives import BytesReader
@@ -177,5 +177,5 @@ async def test_bare_h2_view_of_a_call(sock_dir: Path) -> None:
                         pass  # the bare server never answers properly
     assert headers[b":authority"] == b"localhost"
     assert headers[b":path"] == b"/boxlite.v1.Files/Upload"
-    # Peers may send frames of up to FRAME_LIMIT, not HTTP/2's 16 KiB.
-    assert settings[h2.settings.SettingCodes.MAX_FRAME_SIZE] == FRAME_LIMIT
+    # Peers may send frames of up to RECEIVE_FRAME_LIMIT, not HTTP/2's 16 KiB.
+    assert settings[h2.settings.SettingCodes.MAX_FRAME_SIZE] == RECEIVE_FRAME_LIMIT

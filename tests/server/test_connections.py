@@ -15,6 +15,7 @@ import pytest
 import trio
 
 import boxfiles
+from boxfiles._aio._internals import MAX_HEADER_BLOCK_BYTES
 from boxfiles._cli import EXIT_USAGE
 from boxfiles._server import CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS
 
@@ -133,3 +134,46 @@ async def test_serve_connection_flags() -> None:
     help_text = " ".join(result.stdout.decode().split())
     assert f"({MAX_CONNECTIONS})" in help_text
     assert f"({CONNECTION_IDLE_TIMEOUT:g})" in help_text
+
+
+@pytest.mark.parametrize("shape", ["continuations", "one frame"])
+async def test_a_header_block_over_its_bound_ends_that_connection_only(
+    root: Path, sock_dir: Path, shape: str
+) -> None:
+    # The server accepts 1 MiB frames for DATA's sake; a header block, held
+    # whole until it ends, may not grow past MAX_HEADER_BLOCK_BYTES: neither
+    # by CONTINUATIONs (h2 alone would hold 64 of them, of 1 MiB each) nor in
+    # one frame. Refused on a frame header, before its body is sent.
+    piece = bytes(16 * 1024)
+    if shape == "continuations":
+        frames = _frame(1, 0, piece) + b"".join(
+            _frame(9, 0, piece) for _ in range(MAX_HEADER_BLOCK_BYTES // len(piece) - 1)
+        )
+        frames += (len(piece)).to_bytes(3, "big") + bytes([9, 0]) + (1).to_bytes(4, "big")
+    else:
+        frames = (
+            (MAX_HEADER_BLOCK_BYTES + 1).to_bytes(3, "big") + bytes([1, 0]) + (1).to_bytes(4, "big")
+        )
+    async with serving(root, sock_dir) as target:
+        async with await connect(target) as stream:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            await stream.send_all(conn.data_to_send() + frames)
+            events: list[h2.events.Event] = []
+            with trio.fail_after(PROMPT):
+                while data := await stream.receive_some():
+                    events += conn.receive_data(data)
+        goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert [g.error_code for g in goaways] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+        with trio.fail_after(PROMPT):
+            await upload(target, files(f=b"x"), "/f")  # others are served as before
+        assert (root / "f").read_bytes() == b"x"
+
+
+def _frame(kind: int, flags: int, payload: bytes, stream_id: int = 1) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )

@@ -33,7 +33,7 @@ from .._target import Target, UnixTarget
 from .._wire import Method
 from . import _frames, _internals
 from ._edge import cardinality, run
-from ._frames import FRAME_LIMIT, FinishedEarly
+from ._frames import RECEIVE_FRAME_LIMIT, FinishedEarly
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
 log = logging.getLogger("boxfiles")
@@ -265,8 +265,9 @@ async def _reset(
 
 
 def _tune(protocol: Any) -> None:
-    _internals.announce_frame_size(protocol, FRAME_LIMIT)
+    _internals.announce_frame_size(protocol, RECEIVE_FRAME_LIMIT)
     _internals.receive_frames_as_views(protocol)
+    _internals.goaway_on_protocol_errors(protocol)
     _internals.keep_complete_responses(protocol)
     _internals.remember_goaway(protocol)
 

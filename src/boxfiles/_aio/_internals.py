@@ -138,6 +138,20 @@ def send_data_frame(
 #: 16 MiB where it now holds 12.)
 VIEW_MIN_SHARE = 2
 
+#: A DATA frame longer than this goes on in parts as its bytes arrive, a view
+#: of each read (see ViewFrameBuffer); a shorter one is taken whole, joined
+#: if it spans reads: copying up to 128 KiB costs less than h2's and
+#: grpclib's handling of one more frame.
+PARTS_ABOVE = 128 * 1024
+
+#: Most bytes of a header block (HEADERS or PUSH_PROMISE and its
+#: CONTINUATIONs), and of any one frame but DATA: those are buffered whole
+#: until they end, so the frame size limit, far larger for the sake of DATA,
+#: must not be theirs. gRPC's metadata is a few KiB (grpcio refuses over
+#: 16 KiB). One over it ends the connection with ENHANCE_YOUR_CALM, on its
+#: frame header, before its body is buffered.
+MAX_HEADER_BLOCK_BYTES = 64 * 1024
+
 
 class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     """h2's FrameBuffer without its copies of DATA payloads.
@@ -145,12 +159,13 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     h2 copies every received byte three times before its DataReceived event
     (into its bytearray, a slice of it per frame, ``tobytes`` in hyperframe's
     ``parse_body``): most of what a download costs in Python. This one keeps
-    the reads and hands a DATA frame's payload on as views of the reads it
-    came in: a frame spanning reads goes on in parts, one per read, as if
-    the peer had sent it as several frames (the same bytes, flow-controlled
-    in the same total, END_STREAM on the last part), so nothing is joined.
-    Everything else is h2's: its frame-size check, its CONTINUATION
-    handling, its frame classes. h2 has no option for it; its connection
+    the reads and hands a DATA frame's payload on as a view of the read it
+    came in. A frame over PARTS_ABOVE goes on in parts as its bytes arrive,
+    one per read, as if the peer had sent it as several frames (the same
+    bytes, flow-controlled in the same total, END_STREAM on the last part):
+    it is never joined, nor held whole. Every other frame is held whole,
+    and refused over MAX_HEADER_BLOCK_BYTES. Everything else is h2's: its
+    frame-size check, its CONTINUATION handling, its frame classes. h2 has no option for it; its connection
     reads ``incoming_buffer`` on every ``receive_data``.
     """
 
@@ -256,7 +271,16 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
             ) from err
         # Refused on its header, not once a frame too long is buffered.
         self._validate_frame_length(length)
-        if isinstance(frame, hyperframe.frame.DataFrame) and length and "PADDED" not in frame.flags:
+        if not isinstance(frame, hyperframe.frame.DataFrame):
+            block = length
+            if isinstance(frame, hyperframe.frame.ContinuationFrame):
+                block += sum(len(f.data) for f in self._headers_buffer)
+            if block > MAX_HEADER_BLOCK_BYTES:
+                raise h2.exceptions.DenialOfServiceError(
+                    f"received a {type(frame).__name__} of {block} bytes"
+                    f" (header block or frame), over {MAX_HEADER_BLOCK_BYTES}"
+                )
+        elif length > PARTS_ABOVE and "PADDED" not in frame.flags:
             if self._size == 9:
                 raise StopIteration  # the header alone: parsed again with its data
             self._take(9)
@@ -266,8 +290,17 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
             return self._data_part(frame)
         if self._size < 9 + length:
             raise StopIteration
+        body = self._take(9 + length)[9:]
         try:
-            frame.parse_body(self._take(9 + length)[9:])
+            if (
+                isinstance(frame, hyperframe.frame.DataFrame)
+                and "PADDED" not in frame.flags
+                and length * VIEW_MIN_SHARE >= len(cast(bytes, body.obj))
+            ):
+                frame.data = body  # type: ignore[assignment]
+                frame.body_len = length
+            else:
+                frame.parse_body(body)
         except hyperframe.exceptions.InvalidDataError as err:
             raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
         except hyperframe.exceptions.InvalidFrameError as err:
@@ -280,6 +313,24 @@ def receive_frames_as_views(protocol: grpclib.protocol.H2Protocol) -> None:
     it has received anything)."""
     h2_connection: h2.connection.H2Connection = protocol.connection._connection
     h2_connection.incoming_buffer = ViewFrameBuffer(h2_connection.incoming_buffer)
+
+
+def goaway_on_protocol_errors(protocol: grpclib.protocol.H2Protocol) -> None:
+    """Send the GOAWAY h2 queues for a connection error before grpclib
+    closes the connection: grpclib closes on h2's ProtocolError without
+    writing it, so the peer would never learn why (ENHANCE_YOUR_CALM for
+    a header block over its bound, FRAME_SIZE_ERROR, ...)."""
+    connection = protocol.connection
+    feed = connection.feed
+
+    def feed_or_say_why(data: bytes) -> list[h2.events.Event]:
+        try:
+            return feed(data)
+        except h2.exceptions.ProtocolError:
+            connection.flush()
+            raise
+
+    connection.feed = feed_or_say_why  # type: ignore[method-assign]
 
 
 # -- grpclib: streams ----------------------------------------------------------
