@@ -150,7 +150,12 @@ class ClientCall(Generic[SendT, RecvT]):
         """The next message, encoded, as views of the frames it came in (for
         the caller to decode without copying its payload), or None once the
         peer ended its side cleanly."""
-        return await self._call(_frames.recv_pieces(self._stream))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        pieces = _frames.recv_buffered(self._stream)
+        if pieces is None:
+            return await self._call(_frames.recv_pieces(self._stream))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return pieces
 
     async def recv_encoded(self) -> bytes | None:
         """The next message's encoded bytes, or None once the peer ended its

@@ -142,6 +142,17 @@ async def recv_pieces(stream: grpclib.client.Stream[Any, Any]) -> list[memoryvie
         return await _recv_body(_internals.h2_stream_of(stream))
 
 
+def recv_buffered(stream: grpclib.client.Stream[Any, Any]) -> list[memoryview] | None:
+    """recv_pieces without waiting, for a message that has arrived whole:
+    its views, or None (nothing taken) if recv_pieces would wait or raise.
+    Creating and scheduling an asyncio task costs more than receiving a
+    64 KiB message; a download's messages have mostly arrived by the time
+    they are asked for."""
+    if _internals.client_initial_metadata_pending(stream) or _internals.stream_failed(stream):
+        return None
+    return _internals.buffered_message(_internals.h2_stream_of(stream), MAX_MESSAGE_BYTES)
+
+
 async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:
     """Wait for the peer's trailers (or the end of a trailers-only response)."""
     with _internals.guarded(stream):

@@ -9,10 +9,11 @@ I/O of its own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, cast
 
@@ -165,8 +166,9 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     bytes, flow-controlled in the same total, END_STREAM on the last part):
     it is never joined, nor held whole. Every other frame is held whole,
     and refused over MAX_HEADER_BLOCK_BYTES. Everything else is h2's: its
-    frame-size check, its CONTINUATION handling, its frame classes. h2 has no option for it; its connection
-    reads ``incoming_buffer`` on every ``receive_data``.
+    frame-size check, its CONTINUATION handling, its frame classes. h2 has
+    no option for it; its connection reads ``incoming_buffer`` on every
+    ``receive_data``.
     """
 
     def __init__(self, old: h2.frame_buffer.FrameBuffer) -> None:
@@ -229,8 +231,9 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
         elif self._data_left:
             frame.flags.discard("END_STREAM")
         part = self._take(size)
-        # A part under its share of the read is copied, not kept as a view.
-        frame.data = part if size * VIEW_MIN_SHARE >= len(cast(bytes, part.obj)) else part.tobytes()  # type: ignore[assignment]
+        if size * VIEW_MIN_SHARE < len(cast(bytes, part.obj)):
+            part = memoryview(part.tobytes())  # under its share of the read: copied
+        frame.data = part  # type: ignore[assignment]
         frame.body_len = size
         return frame
 
@@ -403,6 +406,50 @@ async def read_pieces(h2_stream: grpclib.protocol.Stream, size: int) -> list[mem
         return []
     if buffer._acked_size < size:
         raise grpclib.exceptions.ProtocolError("the stream ended inside a message")
+    return _take_acked(buffer, size)
+
+
+def buffered_message(h2_stream: grpclib.protocol.Stream, max_size: int) -> list[memoryview] | None:
+    """The next gRPC message's body, taken as read_pieces takes it, if its
+    5-byte prefix and all of its body have arrived, the prefix says it is
+    uncompressed and its size is at most ``max_size``; otherwise None, and
+    nothing is taken (read_pieces then waits, or refuses it)."""
+    buffer = h2_stream.buffer
+    queue: deque[grpclib.protocol.UnackedData] = buffer._unacked._queue  # type: ignore[attr-defined]
+    arrived = buffer._acked_size
+    prefix = bytearray()
+    arrived_data: Iterable[bytes] = itertools.chain(
+        (cast(bytes, chunk) for chunk, _ in buffer._acked),
+        (e.data for e in queue if e.ack_size),
+    )
+    for data in arrived_data:
+        prefix += data[: 5 - len(prefix)]
+        if len(prefix) == 5:
+            break
+    if len(prefix) < 5 or prefix[0]:
+        return None
+    size = int.from_bytes(prefix[1:], "big")
+    if size > max_size:
+        return None
+    for entry in queue:
+        if arrived >= 5 + size or not entry.ack_size:
+            break
+        arrived += entry.data_size
+    if arrived < 5 + size:
+        return None
+    ack_size = 0
+    while buffer._acked_size < 5 + size:
+        entry = buffer._unacked.get_nowait()
+        buffer._acked.append(grpclib.protocol.AckedData(memoryview(entry.data), entry.data_size))
+        buffer._acked_size += entry.data_size
+        ack_size += entry.ack_size
+    if ack_size:  # one acknowledgement (h2's bookkeeping, maybe a WINDOW_UPDATE) per message
+        buffer._ack_callback(ack_size)
+    _take_acked(buffer, 5)
+    return _take_acked(buffer, size)
+
+
+def _take_acked(buffer: grpclib.protocol.Buffer, size: int) -> list[memoryview]:
     pieces = []
     taken = 0
     while taken < size:
@@ -418,6 +465,12 @@ async def read_pieces(h2_stream: grpclib.protocol.Stream, size: int) -> list[mem
             taken = size
     buffer._acked_size -= size
     return pieces
+
+
+def stream_failed(stream: grpclib.client.Stream[Any, Any]) -> bool:
+    """The stream was reset, its connection lost or its deadline passed:
+    waiting inside ``guarded(stream)`` would raise why."""
+    return stream._wrapper._error is not None
 
 
 def h2_stream_of(
