@@ -122,8 +122,13 @@ class ClientCall(Generic[SendT, RecvT]):
         included), given as pieces sent back to back, in order; their bytes
         go to the socket without further copies. Once the peer has
         :attr:`finished_early`, this returns without sending."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        rest = _frames.send_now(self._stream, pieces)
+        if not rest:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         try:
-            await self._call(_frames.send_encoded(self._stream, pieces))
+            await self._call(_frames.send_encoded(self._stream, rest))
         except IncompleteTransfer as exc:
             if not isinstance(exc.__cause__, FinishedEarly):
                 raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import grpclib.client
@@ -52,7 +53,7 @@ class FinishedEarly(Exception):
 
 
 async def send_encoded(
-    stream: grpclib.client.Stream[Any, Any], pieces: tuple[bytes | memoryview, ...]
+    stream: grpclib.client.Stream[Any, Any], pieces: Sequence[bytes | memoryview]
 ) -> None:
     """Send pieces of already-framed messages on a client stream."""
     with _internals.guarded(stream):
@@ -72,12 +73,12 @@ async def send_reply(stream: grpclib.server.Stream[Any, Any], message: Message) 
 
 
 async def _send_data(
-    h2_stream: grpclib.protocol.Stream, pieces: tuple[bytes | memoryview, ...]
+    h2_stream: grpclib.protocol.Stream, pieces: Sequence[bytes | memoryview]
 ) -> None:
     # The pieces are one byte stream: where a message or piece ends does not
     # matter to the frames.
     connection = h2_stream.connection
-    h2_connection, transport = _internals.h2_parts(h2_stream)
+    h2_connection, _ = _internals.h2_parts(h2_stream)
     stream_id = h2_stream.id
     assert stream_id is not None  # headers went first
     writing = _write_lock(connection)
@@ -94,25 +95,59 @@ async def _send_data(
         # its peer is not reading never holds up the others.
         async with writing:
             while views:
-                while not connection.write_ready.is_set():
-                    await connection.write_ready.wait()
-                if _internals.finished_early(h2_stream):
-                    raise FinishedEarly
-                # Other streams may have used the connection's window meanwhile.
-                window = h2_connection.local_flow_control_window(stream_id)
-                if window <= 0:
+                _write_frames(h2_stream, views)
+                if not views or _internals.finished_early(h2_stream):
                     break
-                view = views[0]
-                size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
-                for part in _internals.send_data_frame(h2_connection, stream_id, view[:size]):
-                    transport.write(part)
-                h2_stream.data_sent += size
-                connection.data_sent += size
-                connection.data_send_process()
-                if size < len(view):
-                    views[0] = view[size:]
-                else:
-                    del views[0]
+                if connection.write_ready.is_set():
+                    break  # out of window: wait for it outside the turn
+                await connection.write_ready.wait()
+
+
+def send_now(
+    stream: grpclib.client.Stream[Any, Any], pieces: Sequence[bytes | memoryview]
+) -> list[memoryview]:
+    """send_encoded without an asyncio task, as far as it goes without
+    waiting: what is left of ``pieces`` (all of them if it could not start)
+    for send_encoded. Creating and scheduling a task costs more than
+    sending a 64 KiB message, and the window and the socket mostly have
+    room."""
+    h2_stream = _internals.h2_stream_of(stream)
+    views = [view for piece in pieces if (view := memoryview(piece))]
+    connection = h2_stream.connection
+    if (
+        not _internals.stream_failed(stream)
+        and connection.write_ready.is_set()
+        and not _write_lock(connection).locked()
+    ):
+        _write_frames(h2_stream, views)
+    return views
+
+
+def _write_frames(h2_stream: grpclib.protocol.Stream, views: list[memoryview]) -> None:
+    """Write frames from the front of ``views`` (taking what goes) while the
+    stream's window lasts and the transport takes more, until the peer
+    finished early."""
+    connection = h2_stream.connection
+    h2_connection, transport = _internals.h2_parts(h2_stream)
+    stream_id = h2_stream.id
+    assert stream_id is not None  # headers went first
+    while views and connection.write_ready.is_set():
+        if _internals.finished_early(h2_stream):
+            return
+        # Other streams may have used the connection's window meanwhile.
+        window = h2_connection.local_flow_control_window(stream_id)
+        if window <= 0:
+            return
+        view = views[0]
+        size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
+        transport.writelines(_internals.send_data_frame(h2_connection, stream_id, view[:size]))
+        h2_stream.data_sent += size
+        connection.data_sent += size
+        connection.data_send_process()
+        if size < len(view):
+            views[0] = view[size:]
+        else:
+            del views[0]
 
 
 #: One lock per connection for the streams writing to it: a transport that

@@ -606,6 +606,32 @@ class SocketTransport(asyncio.Transport):
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
+        self._keep(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        # One sendmsg for all of them (a frame's header and its payload).
+        pieces = [memoryview(data) for data in list_of_data if data]
+        if self._closing or not pieces:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.sendmsg(pieces)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if pieces:
+                pieces[0] = pieces[0][sent:]
+        for piece in pieces:
+            self._keep(piece)
+
+    def _keep(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer what the socket did not take, for the write loop to send."""
+        if self._closing:
+            return
         self._buffer += data  # the unsent tail: the caller may reuse its buffer
         if len(self._buffer) > MAX_UNSENT:
             self._fail(ConnectionError(f"the peer reads nothing: over {MAX_UNSENT} bytes unsent"))
@@ -616,10 +642,6 @@ class SocketTransport(asyncio.Transport):
         if not self._paused and len(self._buffer) > self._high:
             self._paused = True
             self._protocol.pause_writing()
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
 
     def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
         self._writer = None
