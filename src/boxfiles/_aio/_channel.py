@@ -17,8 +17,9 @@ and status are read as usual.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar, final
 
 import grpclib.client
@@ -32,7 +33,7 @@ from .._supervise import one_error
 from .._target import Target, UnixTarget
 from .._wire import Method
 from . import _frames, _internals
-from ._edge import cardinality, run
+from ._edge import cardinality, run, run_now
 from ._frames import RECEIVE_FRAME_LIMIT, FinishedEarly
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
@@ -86,6 +87,13 @@ class ClientCall(Generic[SendT, RecvT]):
             # The stream was torn down; if the peer said why, that wins.
             raise self._status_or(exc) from exc.__cause__
 
+    def _now(self, fn: Callable[[], T]) -> T:
+        """_call for a fast path that never waits."""
+        try:
+            return run_now(fn, self._where)
+        except IncompleteTransfer as exc:
+            raise self._status_or(exc) from exc.__cause__
+
     def _status_or(self, exc: FilesError) -> FilesError:
         try:
             self.raise_for_status()
@@ -123,7 +131,7 @@ class ClientCall(Generic[SendT, RecvT]):
         go to the socket without further copies. Once the peer has
         :attr:`finished_early`, this returns without sending."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        rest = _frames.send_now(self._stream, pieces)
+        rest = self._now(partial(_frames.send_now, self._stream, pieces))
         if not rest:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
@@ -156,7 +164,7 @@ class ClientCall(Generic[SendT, RecvT]):
         the caller to decode without copying its payload), or None once the
         peer ended its side cleanly."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        pieces = _frames.recv_buffered(self._stream)
+        pieces = self._now(partial(_frames.recv_buffered, self._stream))
         if pieces is None:
             return await self._call(_frames.recv_pieces(self._stream))
         await trio.lowlevel.cancel_shielded_checkpoint()

@@ -4,7 +4,7 @@ foreign (grpclib, h2, asyncio, socket) exceptions become boxfiles errors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpclib.const
@@ -48,6 +48,17 @@ def map_exception(exc: BaseException, where: str) -> FilesError:
     if isinstance(exc, asyncio.CancelledError):
         return IncompleteTransfer(f"call cancelled by the transport {where}")
     return IncompleteTransfer(f"{type(exc).__name__} {where}: {exc}")
+
+
+def run_now(fn: Callable[[], T], where: str) -> T:
+    """Run a fast path of the asyncio side that never waits (from the trio
+    thread, without a task), mapping its failure as :func:`run` does."""
+    try:
+        return fn()
+    except FilesError:
+        raise
+    except Exception as exc:  # the edge: every foreign error stops here
+        raise map_exception(exc, where) from exc
 
 
 async def run(loop: TrioEventLoop, coro: Coroutine[Any, Any, T], where: str) -> T:

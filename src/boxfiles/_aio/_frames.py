@@ -60,15 +60,21 @@ async def send_encoded(
         await _send_data(_internals.h2_stream_of(stream), pieces)
 
 
-async def send_reply(stream: grpclib.server.Stream[Any, Any], message: Message) -> None:
-    """grpclib's server send_message (its bookkeeping included), framed as
-    the client frames its own."""
+def encode_reply(message: Message) -> tuple[bytes, bytes]:
+    """A reply as the wire carries it: the 5-byte prefix, then the body."""
+    body = message.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big"), body
+
+
+async def send_reply(
+    stream: grpclib.server.Stream[Any, Any], pieces: Sequence[bytes | memoryview]
+) -> None:
+    """grpclib's server send_message (its bookkeeping included) for a reply
+    encoded by encode_reply (or what send_now left of it), framed as the
+    client frames its own."""
     if _internals.reply_headers_pending(stream):
         await stream.send_initial_metadata()
-    body = message.SerializeToString()
-    await _send_data(
-        _internals.h2_stream_of(stream), (b"\x00" + len(body).to_bytes(4, "big"), body)
-    )
+    await _send_data(_internals.h2_stream_of(stream), pieces)
     _internals.count_sent_reply(stream)
 
 
@@ -104,18 +110,19 @@ async def _send_data(
 
 
 def send_now(
-    stream: grpclib.client.Stream[Any, Any], pieces: Sequence[bytes | memoryview]
+    stream: grpclib.client.Stream[Any, Any] | grpclib.server.Stream[Any, Any],
+    pieces: Sequence[bytes | memoryview],
 ) -> list[memoryview]:
-    """send_encoded without an asyncio task, as far as it goes without
-    waiting: what is left of ``pieces`` (all of them if it could not start)
-    for send_encoded. Creating and scheduling a task costs more than
-    sending a 64 KiB message, and the window and the socket mostly have
-    room."""
+    """send_encoded (or send_reply, once the reply's headers are sent)
+    without an asyncio task, as far as it goes without waiting: what is
+    left of ``pieces`` (all of them if it could not start), for them to
+    send. Creating and scheduling a task costs more than sending a 64 KiB
+    message, and the window and the socket mostly have room."""
     h2_stream = _internals.h2_stream_of(stream)
     views = [view for piece in pieces if (view := memoryview(piece))]
     connection = h2_stream.connection
     if (
-        not _internals.stream_failed(stream)
+        not _internals.stream_failed(h2_stream)
         and connection.write_ready.is_set()
         and not _write_lock(connection).locked()
     ):
@@ -183,9 +190,10 @@ def recv_buffered(stream: grpclib.client.Stream[Any, Any]) -> list[memoryview] |
     Creating and scheduling an asyncio task costs more than receiving a
     64 KiB message; a download's messages have mostly arrived by the time
     they are asked for."""
-    if _internals.client_initial_metadata_pending(stream) or _internals.stream_failed(stream):
+    h2_stream = _internals.h2_stream_of(stream)
+    if _internals.client_initial_metadata_pending(stream) or _internals.stream_failed(h2_stream):
         return None
-    return _internals.buffered_message(_internals.h2_stream_of(stream), MAX_MESSAGE_BYTES)
+    return _internals.buffered_message(h2_stream, MAX_MESSAGE_BYTES)
 
 
 async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:

@@ -467,10 +467,12 @@ def _take_acked(buffer: grpclib.protocol.Buffer, size: int) -> list[memoryview]:
     return pieces
 
 
-def stream_failed(stream: grpclib.client.Stream[Any, Any]) -> bool:
+def stream_failed(h2_stream: grpclib.protocol.Stream) -> bool:
     """The stream was reset, its connection lost or its deadline passed:
-    waiting inside ``guarded(stream)`` would raise why."""
-    return stream._wrapper._error is not None
+    waiting inside its grpclib Wrapper (the client's, or the server
+    handler's) would raise why."""
+    wrapper = h2_stream.wrapper
+    return wrapper is not None and wrapper._error is not None
 
 
 def h2_stream_of(

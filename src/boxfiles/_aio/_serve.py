@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any, Generic, NoReturn, Protocol, TypeVar, final
 
@@ -20,7 +20,7 @@ from .._errors import FilesError, InvalidArgument, RemoteError, ResourceExhauste
 from .._supervise import one_error
 from .._wire import Method
 from . import _frames, _internals
-from ._edge import cardinality, run
+from ._edge import cardinality, run, run_now
 from ._frames import RECEIVE_FRAME_LIMIT, MessageTooLarge
 from ._listener import ConnectionLimits, Listener
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
@@ -33,6 +33,7 @@ RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
 SendT_contra = TypeVar("SendT_contra", bound=Message, contravariant=True)
 
 _FROM_CLIENT = "receiving from the client"
+_TO_CLIENT = "sending to the client"
 
 
 class ServerCall(Protocol[RecvT_co, SendT_contra]):
@@ -106,13 +107,21 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
             raise
 
     async def send(self, message: SendT, /) -> None:
-        await run(self._loop, _frames.send_reply(self._stream, message), "sending to the client")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        pieces: Sequence[bytes | memoryview] = _frames.encode_reply(message)
+        if not _internals.reply_headers_pending(self._stream):
+            pieces = run_now(partial(_frames.send_now, self._stream, pieces), _TO_CLIENT)
+            if not pieces:
+                _internals.count_sent_reply(self._stream)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+        await run(self._loop, _frames.send_reply(self._stream, pieces), _TO_CLIENT)
 
     async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
         await run(
             self._loop,
             self._stream.send_initial_metadata(metadata=dict(metadata)),
-            "sending to the client",
+            _TO_CLIENT,
         )
 
     def abort_connection(self) -> None:
