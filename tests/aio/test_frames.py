@@ -256,6 +256,16 @@ def test_a_large_frame_other_than_data_is_refused_on_its_header(kind: int) -> No
     server.receive_data(header)  # at the bound: waits for its body
 
 
+def test_a_padded_data_frame_over_parts_above_is_refused_on_its_header() -> None:
+    # Held whole until its padding ends it, so bounded as a frame held whole.
+    sent, sid = sent_to_a_server()
+    server = a_server(views=True)
+    server.receive_data(sent[: sent.index(b"padded") - 10])
+    header = (PARTS_ABOVE + 1).to_bytes(3, "big") + bytes([0, 8]) + sid.to_bytes(4, "big")
+    with pytest.raises(h2.exceptions.DenialOfServiceError, match="padded"):
+        server.receive_data(header)
+
+
 def test_a_reused_read_buffer_does_not_change_received_data() -> None:
     sent, _ = sent_to_a_server()
     server = a_server(views=True)

@@ -161,7 +161,8 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     (into its bytearray, a slice of it per frame, ``tobytes`` in hyperframe's
     ``parse_body``): most of what a download costs in Python. This one keeps
     the reads and hands a DATA frame's payload on as a view of the read it
-    came in. A frame over PARTS_ABOVE goes on in parts as its bytes arrive,
+    came in. A frame over PARTS_ABOVE (unpadded: a padded one is refused)
+    goes on in parts as its bytes arrive,
     one per read, as if the peer had sent it as several frames (the same
     bytes, flow-controlled in the same total, END_STREAM on the last part):
     it is never joined, nor held whole. Every other frame is held whole,
@@ -283,7 +284,11 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
                     f"received a {type(frame).__name__} of {block} bytes"
                     f" (header block or frame), over {MAX_HEADER_BLOCK_BYTES}"
                 )
-        elif length > PARTS_ABOVE and "PADDED" not in frame.flags:
+        elif length > PARTS_ABOVE:
+            if "PADDED" in frame.flags:  # held whole (its padding ends it): as small as others
+                raise h2.exceptions.DenialOfServiceError(
+                    f"received a padded DATA frame of {length} bytes, over {PARTS_ABOVE}"
+                )
             if self._size == 9:
                 raise StopIteration  # the header alone: parsed again with its data
             self._take(9)

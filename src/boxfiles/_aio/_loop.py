@@ -591,28 +591,13 @@ class SocketTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing:
-            return  # asyncio drops these too; the connection's loss tells why
-        if not data:
-            return
-        if not self._buffer:
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._fail(exc)
-                return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        self._keep(data)
+        self.writelines((data,))
 
     def writelines(self, list_of_data: Any) -> None:
         # One sendmsg for all of them (a frame's header and its payload).
         pieces = [memoryview(data) for data in list_of_data if data]
         if self._closing or not pieces:
-            return
+            return  # asyncio drops these too; the connection's loss tells why
         if not self._buffer:
             try:
                 sent = self._sock.sendmsg(pieces)
