@@ -61,8 +61,9 @@ class ChunkStream:
 
     Used from a worker thread. A chunk is a sequence of pieces (a download's
     message as the frames it came in, never joined). Each chunk is received,
-    and the one before it released, in the trio thread that allocated it (glibc then reuses that
-    memory for the next chunk rather than faulting in fresh pages). A receive
+    and the one before it released, in the trio thread that allocated it
+    (glibc then reuses that memory for the next chunk rather than faulting
+    in fresh pages). A receive
     inherits the host task's cancellation, so a cancelled transfer stops the
     thread at its next chunk.
     """
