@@ -16,7 +16,7 @@ TESTS = Path(__file__).resolve().parent
 LAYERS = [
     {"_proto", "_errors"},
     {"_target", "_supervise", "_wire", "_api"},
-    {"_aio", "_fs", "_tar"},
+    {"_aio", "_chunks", "_fs", "_tar"},
     {"_client", "_server"},
     {"_demo", "testing"},
     {"_cli", "__init__"},

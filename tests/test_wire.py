@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from boxfiles._proto.files_pb2 import DownloadChunk, UploadChunk
 from boxfiles._wire import (
+    DOWNLOAD_DATA_FIELD,
+    PREFIX_BYTES,
     Chunk,
     decode_download_chunk,
     decode_upload_chunk,
@@ -35,9 +37,18 @@ def test_framed_chunks_decode_as_protobuf(data: bytes, dest: str) -> None:
     assert unframe(Chunk.of(data).framed()) == UploadChunk(data=data)
 
 
+@given(data=st.binary(min_size=1, max_size=5000))
+def test_framed_download_chunks_are_protobufs_bytes(data: bytes) -> None:
+    frame = b"".join(Chunk.of(data).framed(field=DOWNLOAD_DATA_FIELD))
+    assert frame[:PREFIX_BYTES] == b"\x00" + (len(frame) - PREFIX_BYTES).to_bytes(4, "big")
+    assert frame[PREFIX_BYTES:] == DownloadChunk(data=data).SerializeToString()
+
+
 def test_framing_reaches_varint_boundaries() -> None:
     for size in (0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21):
         assert unframe(Chunk.of(b"z" * size).framed()).data == b"z" * size
+        download = b"".join(Chunk.of(b"z" * size).framed(field=DOWNLOAD_DATA_FIELD))
+        assert DownloadChunk.FromString(download[PREFIX_BYTES:]).data == b"z" * size
 
 
 def test_metadata_only_chunk() -> None:

@@ -149,8 +149,9 @@ def first_upload_chunk(
 #: most 4 bytes below MAX_CHUNK_SIZE).
 HEADER_ROOM = 16
 
-_DATA_FIELD = 3
-_DATA_TAG = _DATA_FIELD << 3 | 2  # wire type 2: length-delimited
+#: The ``data`` fields' numbers, from the generated module (never by hand).
+UPLOAD_DATA_FIELD = UploadChunk.DESCRIPTOR.fields_by_name["data"].number
+DOWNLOAD_DATA_FIELD = DownloadChunk.DESCRIPTOR.fields_by_name["data"].number
 
 
 def _varint(value: int) -> bytes:
@@ -189,18 +190,22 @@ class Chunk:
     def data(self) -> memoryview:
         return memoryview(self._buffer)[HEADER_ROOM : HEADER_ROOM + self.size]
 
-    def framed(self, first: UploadChunk | None = None) -> tuple[bytes | memoryview, ...]:
+    def framed(
+        self, first: UploadChunk | None = None, *, field: int = UPLOAD_DATA_FIELD
+    ) -> tuple[bytes | memoryview, ...]:
         """The gRPC message for this chunk: ``first``'s metadata (when given)
-        and the data, as an encoded UploadChunk behind its 5-byte prefix.
+        and the data, as an encoded UploadChunk behind its 5-byte prefix (a
+        DownloadChunk with ``field=DOWNLOAD_DATA_FIELD``).
 
         Its pieces are sent back to back; the data is never copied.
         """
-        field = bytes([_DATA_TAG]) + _varint(self.size)
+        # Wire type 2: length-delimited.
+        tag = bytes([field << 3 | 2]) + _varint(self.size)
         if first is not None:
             # Protobuf allows fields in any order: metadata, then the data.
-            body = first.SerializeToString() + field
+            body = first.SerializeToString() + tag
             return _prefix(len(body) + self.size) + body, self.data
-        header = _prefix(len(field) + self.size) + field
+        header = _prefix(len(tag) + self.size) + tag
         start = HEADER_ROOM - len(header)
         self._buffer[start:HEADER_ROOM] = header
         return (memoryview(self._buffer)[start : HEADER_ROOM + self.size],)
@@ -209,6 +214,11 @@ class Chunk:
         if self._release is not None:
             self._release(self._buffer)
             self._release = None
+
+
+#: Bytes of the prefix in front of every gRPC message: a compressed flag
+#: and the body's length.
+PREFIX_BYTES = 5
 
 
 def _prefix(length: int) -> bytes:
@@ -236,7 +246,7 @@ def decode_download_chunk(
     data: list[memoryview] = []
     source_is_dir: bool | None = None
     for field, wire_type, value, _, _ in _Cursor(pieces).fields():
-        if field == 1 and isinstance(value, list):
+        if field == DOWNLOAD_DATA_FIELD and isinstance(value, list):
             data = value  # the last occurrence wins, as in protobuf
         elif field == 2 and wire_type == 0:
             source_is_dir = value != 0
@@ -320,7 +330,7 @@ def decode_upload_chunk(body: bytes) -> tuple[UploadChunk, memoryview]:
     data = view[:0]
     rest = []
     for field, _, value, start, end in _Cursor([body]).fields():
-        if field == _DATA_FIELD and isinstance(value, list):
+        if field == UPLOAD_DATA_FIELD and isinstance(value, list):
             data = value[0] if value else view[:0]  # the last occurrence wins
         else:
             rest.append(view[start:end])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from boxfiles._client._local import POOL_SIZE, BufferPool, UploadBuffers
+from boxfiles._chunks import POOL_SIZE, BufferPool, TransferBuffers
 
 SIZE = 1024
 
@@ -14,10 +14,10 @@ async def test_an_upload_never_waits_on_another() -> None:
     # A server may leave some calls unread while it serves others: an upload
     # it reads must go on even when unread ones hold every spare.
     pool = BufferPool(limit=2)
-    stalled = UploadBuffers(pool, SIZE)
+    stalled = TransferBuffers(pool, SIZE)
     for _ in range(3):
         await stalled.take()  # its own and both spares, held for ever
-    served = UploadBuffers(pool, SIZE)
+    served = TransferBuffers(pool, SIZE)
     with trio.fail_after(5):
         own = await served.take()  # no spare left, but a buffer of its own
         for _ in range(3):
@@ -25,7 +25,7 @@ async def test_an_upload_never_waits_on_another() -> None:
             assert await served.take() is own
 
 
-async def blocked_take(upload: UploadBuffers, release: bytearray) -> bytearray:
+async def blocked_take(upload: TransferBuffers, release: bytearray) -> bytearray:
     """Take a buffer that must wait until ``release`` is given back."""
     got: list[bytearray] = []
 
@@ -41,41 +41,41 @@ async def blocked_take(upload: UploadBuffers, release: bytearray) -> bytearray:
 
 
 async def test_a_second_chunk_waits_for_its_own_upload() -> None:
-    upload = UploadBuffers(BufferPool(limit=0), SIZE)
+    upload = TransferBuffers(BufferPool(limit=0), SIZE)
     first = await upload.take()
     assert await blocked_take(upload, first) is first  # no spares: it waits for its own
 
 
 async def test_at_most_pool_size_per_upload() -> None:
-    upload = UploadBuffers(BufferPool(limit=100), SIZE)
+    upload = TransferBuffers(BufferPool(limit=100), SIZE)
     held = [await upload.take() for _ in range(POOL_SIZE)]
     assert await blocked_take(upload, held[-1]) is held[-1]
 
 
 async def test_spares_in_dropped_chunks_count_as_returned() -> None:
     pool = BufferPool(limit=2)
-    failed = UploadBuffers(pool, SIZE)
+    failed = TransferBuffers(pool, SIZE)
     for _ in range(3):
         await failed.take()  # chunks dropped with a failed upload, never given back
     failed.close()
-    upload = UploadBuffers(pool, SIZE)
+    upload = TransferBuffers(pool, SIZE)
     with trio.fail_after(5):
         buffers = [await upload.take() for _ in range(3)]  # both spares are back
     assert len({id(b) for b in buffers}) == 3
 
 
 async def test_buffers_are_reused_and_an_idle_pool_keeps_none() -> None:
-    pool = BufferPool()
-    running = UploadBuffers(pool, SIZE)
+    pool = BufferPool(limit=16)
+    running = TransferBuffers(pool, SIZE)
     await running.take()
-    first = UploadBuffers(pool, SIZE)
+    first = TransferBuffers(pool, SIZE)
     mine = await first.take()
     first.give_back(mine)
     first.close()
-    second = UploadBuffers(pool, SIZE)
+    second = TransferBuffers(pool, SIZE)
     assert await second.take() is mine  # another upload was running: kept
     second.give_back(mine)
     second.close()
     running.close()
-    last = UploadBuffers(pool, SIZE)
+    last = TransferBuffers(pool, SIZE)
     assert await last.take() is not mine  # nothing was running: freed

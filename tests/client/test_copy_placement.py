@@ -13,7 +13,7 @@ import stat
 import sys
 import tarfile
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -24,11 +24,12 @@ import trio
 
 import boxfiles
 from boxfiles._aio import PEEK_WINDOW, ServerCall
+from boxfiles._chunks import ChunkSink
 from boxfiles._client._place import MAX_PLACE_FDS
 from boxfiles._fs import remove_tree
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
-from boxfiles._server import _pack
-from boxfiles._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD
+from boxfiles._server import _service
+from boxfiles._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, Chunk
 from boxfiles.testing import open_fault_server
 
 from ..helpers.archives import archive, entry
@@ -419,20 +420,16 @@ def packed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the pieces the reference server's packers hand on to be
     sent (what left the packer), in order."""
     pieces: list[int] = []
-    real_sink = _pack.Sink
+    real_sink = ChunkSink
 
-    class Counting:
-        def __init__(self, channel: trio.MemorySendChannel[bytes]) -> None:
-            self._channel = channel
+    def sink(hand_on: Callable[[Chunk], Awaitable[None]], *args: Any) -> ChunkSink:
+        async def counted(chunk: Chunk) -> None:
+            pieces.append(chunk.size)
+            await hand_on(chunk)
 
-        async def send(self, piece: bytes) -> None:
-            await self._channel.send(piece)
-            pieces.append(len(piece))
+        return real_sink(counted, *args)
 
-    def sink(channel: trio.MemorySendChannel[bytes], *args: Any) -> _pack.Sink:
-        return real_sink(Counting(channel), *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_pack, "Sink", sink)
+    monkeypatch.setattr(_service, "ChunkSink", sink)
     return pieces
 
 

@@ -10,7 +10,8 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._client._local import CLIENT_POOL_SIZE, POOL_SIZE
+from boxfiles._chunks import POOL_SIZE
+from boxfiles._client._local import CLIENT_POOL_SIZE
 
 from ..helpers.trees import make_file
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
-import math
 import os
 import tarfile
 import tracemalloc
@@ -13,10 +13,10 @@ import grpc
 import trio
 
 from boxfiles._aio import open_channel
+from boxfiles._chunks import POOL_SIZE, BufferPool, ChunkSink, TransferBuffers
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
-from boxfiles._server._pack import Sink
 from boxfiles._target import UnixTarget
-from boxfiles._wire import DOWNLOAD
+from boxfiles._wire import DOWNLOAD, Chunk
 
 from ..helpers.archives import files
 
@@ -97,29 +97,41 @@ async def test_grpcio_client_interop(server: str, root: Path) -> None:
         assert (info.name, data.read()) == ("data.bin", content)
 
 
-async def test_the_packer_copies_each_byte_once() -> None:
-    # Sink joins each chunk from views of what it was given: besides the
-    # pieces it sends, it allocates nothing the size of a chunk.
-    chunk = 1024 * 1024
+async def test_the_packer_reads_file_data_straight_into_the_chunks(tmp_path: Path) -> None:
+    # Python copies no file data: the sink's reads fill the pooled chunk
+    # buffers in place, and a buffer given back is reused for the next.
+    chunk = MiB
     header = b"h" * 512
-    block = bytes(range(256)) * (chunk // 256)
-    send, receive = trio.open_memory_channel[bytes](math.inf)
-    first_sent = trio.Event()
-    first_sent.set()  # the client took the first piece at once
+    content = os.urandom(3 * chunk + 100)
+    (tmp_path / "f").write_bytes(content)
+    buffers = TransferBuffers(BufferPool(limit=POOL_SIZE), chunk)
+    sizes: list[int] = []
+    digest = hashlib.sha256()
+
+    async def hand_on(sent: Chunk) -> None:
+        sizes.append(sent.size)
+        digest.update(sent.data)
+        sent.release()
 
     def pack() -> int:
-        sink = Sink(send, chunk, first_sent)
-        tracemalloc.start()
+        sink = ChunkSink(hand_on, buffers, chunk)
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
         try:
-            for data in (header, block, block):
-                sink.write(data)
-            sink.flush()
-            return tracemalloc.get_traced_memory()[1]
+            sink.write(header)
+            copied = sink.copy_from(fd, len(content) + 1)  # one more than there is
         finally:
-            tracemalloc.stop()
+            os.close(fd)
+        sink.flush()
+        return copied
 
-    peak = await trio.to_thread.run_sync(pack)
-    pieces = [receive.receive_nowait() for _ in range(3)]
-    assert [len(piece) for piece in pieces] == [chunk, chunk, len(header)]
-    assert b"".join(pieces) == header + block + block
-    assert peak < 2 * chunk + chunk // 4  # the pieces sent, and small change
+    assert await trio.to_thread.run_sync(pack) == len(content)  # made the buffer
+    tracemalloc.start()
+    try:
+        assert await trio.to_thread.run_sync(pack) == len(content)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        buffers.close()
+    assert sizes == 2 * [chunk, chunk, chunk, len(header) + 100]
+    assert digest.digest() == hashlib.sha256(2 * (header + content)).digest()
+    assert peak < chunk // 8  # nothing the size of a chunk

@@ -59,6 +59,13 @@ class ServerCall(Protocol[RecvT_co, SendT_contra]):
 
     async def send(self, message: SendT_contra, /) -> None: ...
 
+    async def send_framed(self, pieces: Sequence[bytes | memoryview], /) -> None:
+        """Send one message already encoded as the wire carries it (its
+        5-byte prefix, then its body), in ``pieces`` sent back to back:
+        :meth:`send` without the encoding's copies. The pieces may be
+        reused once this returns."""
+        ...
+
     async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
         """Send the response headers now, with ``metadata`` (ASCII keys and
         values); :meth:`send` sends them bare if this was not called first."""
@@ -107,8 +114,10 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
             raise
 
     async def send(self, message: SendT, /) -> None:
+        await self.send_framed(_frames.encode_reply(message))
+
+    async def send_framed(self, pieces: Sequence[bytes | memoryview], /) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        pieces: Sequence[bytes | memoryview] = _frames.encode_reply(message)
         if not _internals.reply_headers_pending(self._stream):
             pieces = run_now(partial(_frames.send_now, self._stream, pieces), _TO_CLIENT)
             if not pieces:

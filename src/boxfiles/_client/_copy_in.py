@@ -2,10 +2,8 @@
 
 The source is packed in a worker thread straight into the upload's pooled
 chunk buffers, handed over a trio channel to the upload_tar transfer: no
-temporary tar file, no whole-tree buffering, no copies but the kernel's.
-Buffers handed between the worker thread and the trio thread are allocated
-and freed in the trio thread (see ``_local`` and docs/contract.md, "What real
-peers do").
+temporary tar file, no whole-tree buffering, no copies but the kernel's
+(``boxfiles._chunks``, which the reference server's packer uses too).
 """
 
 from __future__ import annotations
@@ -23,18 +21,18 @@ from typing import final
 
 import trio
 
+from .._chunks import ChunkSink, TransferBuffers
 from .._errors import FailedPrecondition, LocalIOError
 from .._supervise import supervise
 from .._tar._write import END, RECORD, HardLinks, header, member, padding
 from .._wire import (
-    HEADER_ROOM,
     Chunk,
     check_chunk_size,
     check_container_id,
     check_path,
     first_upload_chunk,
 )
-from ._local import ChunkReader, UploadBuffers, local_error, local_path
+from ._local import ChunkReader, local_error, local_path
 from ._progress import Meter, Progress, check_progress
 from ._transfer import Calls
 
@@ -139,70 +137,7 @@ def archive_size(plan: _PackPlan) -> int:
     return total + padding(total, RECORD)
 
 
-@final
-class _ChunkSink:
-    """Used from the packing thread: fills the upload's pooled chunk buffers
-    in place and hands each full one on as a Chunk. Buffers are taken, sent
-    and (once sent) given back in the trio thread, so the allocator reuses
-    them, and the archive's bytes are copied only by the kernel's reads."""
-
-    def __init__(
-        self, channel: trio.MemorySendChannel[Chunk], buffers: UploadBuffers, chunk_size: int
-    ) -> None:
-        self._channel = channel
-        self._buffers = buffers
-        self._size = chunk_size
-        self._buffer: bytearray | None = None
-        self._used = 0
-
-    async def _hand_on(self, full: Chunk | None) -> bytearray:
-        if full is not None:
-            await self._channel.send(full)
-        return await self._buffers.take()
-
-    def _room(self) -> memoryview:
-        """The free part of the current buffer; a full one is handed on first."""
-        if self._buffer is None or self._used == self._size:
-            full = None if self._buffer is None else self._chunk()
-            self._buffer = trio.from_thread.run(self._hand_on, full)
-            self._used = 0
-        return memoryview(self._buffer)[HEADER_ROOM + self._used : HEADER_ROOM + self._size]
-
-    def _chunk(self) -> Chunk:
-        assert self._buffer is not None
-        return Chunk(self._buffer, self._used, self._buffers.give_back)
-
-    def flush(self) -> None:
-        """Hand on what the current buffer holds."""
-        if self._used:
-            trio.from_thread.run(self._channel.send, self._chunk())
-            self._buffer, self._used = None, 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            room = self._room()
-            take = min(len(room), len(view))
-            room[:take] = view[:take]
-            self._used += take
-            view = view[take:]
-
-    def copy_from(self, fd: int, size: int, name: str) -> None:
-        """Append exactly ``size`` bytes read from ``fd``, straight into the buffers."""
-        left = size
-        while left:
-            room = self._room()
-            got = os.readv(fd, [room[:left]])
-            if got == 0:
-                # Failed, not padded with zeros, on both sides (the server's
-                # download answers ABORTED): padding would pass off a corrupt
-                # file as whole. The upload is reset before anything is placed.
-                raise LocalIOError(f"cannot read {name}: it shrank while being copied")
-            self._used += got
-            left -= got
-
-
-def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
+def _pack(plan: _PackPlan, sink: ChunkSink) -> None:
     """Write the whole archive into ``sink`` (blocking; a worker thread)."""
     names, links = _Names(), HardLinks()
     zeros = bytes(RECORD)
@@ -229,7 +164,11 @@ def _pack(plan: _PackPlan, sink: _ChunkSink) -> None:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise replaced
-            sink.copy_from(fd, info.size, path)
+            if sink.copy_from(fd, info.size) < info.size:
+                # Failed, not padded with zeros, on both sides (the server's
+                # download answers ABORTED): padding would pass off a corrupt
+                # file as whole. The upload is reset before anything is placed.
+                raise LocalIOError(f"cannot read {path}: it shrank while being copied")
         finally:
             os.close(fd)
         pad = padding(info.size)
@@ -296,11 +235,12 @@ async def copy_in(
         meter.add(chunk.size)
         return chunk
 
-    buffers = UploadBuffers(calls.buffers, chunk_size)
+    buffers = TransferBuffers(calls.buffers, chunk_size)
 
     async def pack() -> None:
         try:
-            await trio.to_thread.run_sync(_pack, plan, _ChunkSink(send_chunks, buffers, chunk_size))
+            sink = ChunkSink(send_chunks.send, buffers, chunk_size)
+            await trio.to_thread.run_sync(_pack, plan, sink)
         except OSError as err:
             raise local_error(err, src_text) from err
         # Closing is the only end-of-data signal (see _client._upload.read).

@@ -1,10 +1,8 @@
 """Local sources and destinations: files on this machine or caller objects.
 
 Blocking file calls run in trio worker threads, except reads of file data
-the page cache already holds. The buffers chunks are read
-into are allocated in the trio thread and reused: allocating each chunk in a
-worker and freeing it in the trio thread defeats glibc's allocator and turns
-every chunk into fresh page faults (docs/contract.md, "What real peers do").
+the page cache already holds. Chunks are read into pooled buffers
+(``boxfiles._chunks``), made and freed in the trio thread.
 """
 
 from __future__ import annotations
@@ -22,8 +20,9 @@ from typing import Protocol, cast, final, runtime_checkable
 
 import trio
 
+from .._chunks import BufferPool, TransferBuffers
 from .._errors import FilesError, LocalIOError
-from .._wire import CHANNEL_CAPACITY, DEFAULT_CHUNK_SIZE, HEADER_ROOM, Chunk
+from .._wire import DEFAULT_CHUNK_SIZE, HEADER_ROOM, Chunk
 
 
 @runtime_checkable
@@ -94,10 +93,6 @@ class _ReadFn(Protocol):
 #: Whether this platform can read without blocking on the disk (Linux 4.14+).
 _HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 
-#: Chunk buffers one upload holds at most: one being read, CHANNEL_CAPACITY
-#: queued, one being sent.
-POOL_SIZE = CHANNEL_CAPACITY + 2
-
 #: Spare chunk buffers (beyond each upload's own one) that all of one
 #: client's uploads hold at most, together. One HTTP/2 connection carries
 #: them all, so past a few concurrent uploads more buffered chunks would not
@@ -108,108 +103,6 @@ CLIENT_POOL_SIZE = 16
 #: this many bytes, in one write: small chunks then cost one thread hop per
 #: batch rather than each. At the default chunk size a batch is one chunk.
 WRITE_BATCH_BYTES = DEFAULT_CHUNK_SIZE
-
-
-@final
-class BufferPool:
-    """Chunk buffers shared by one client's uploads, made on demand and reused.
-
-    Reuse is what keeps a large upload fast: every buffer is made and freed
-    in the trio thread, so the allocator never hands out fresh (page
-    faulting) memory per chunk. Spares handed out, and free buffers kept,
-    are each at most ``limit``; a client with no upload running keeps none.
-    """
-
-    def __init__(self, limit: int = CLIENT_POOL_SIZE) -> None:
-        self._limit = limit
-        self._spares_out = 0
-        self._free: list[bytearray] = []
-        self._uploads = 0
-
-    def join(self) -> None:
-        """An upload starts drawing on the pool."""
-        self._uploads += 1
-
-    def leave(self, own: bytearray | None, spares: int) -> None:
-        """An upload ends: its own buffer (None if not free) and ``spares``
-        spares still counted as out (in chunks dropped on the way) return."""
-        self._uploads -= 1
-        self.give_back(own, spares=spares)
-        if not self._uploads:
-            self._free.clear()
-
-    def own(self, size: int) -> bytearray:
-        """A buffer for an upload to keep to itself while it runs."""
-        for i in range(len(self._free) - 1, -1, -1):
-            if len(self._free[i]) == size:
-                return self._free.pop(i)
-        return bytearray(size)
-
-    def spare(self, size: int) -> bytearray | None:
-        """A spare buffer, or None while ``limit`` are out."""
-        if self._spares_out >= self._limit:
-            return None
-        self._spares_out += 1
-        return self.own(size)
-
-    def give_back(self, buffer: bytearray | None, *, spares: int = 0) -> None:
-        """Take back ``buffer`` (None: nothing to reuse) and count ``spares``
-        (among them ``buffer``, if it is one) as no longer out."""
-        self._spares_out -= spares
-        if buffer is not None:
-            if len(self._free) >= self._limit:
-                self._free.pop(0)
-            self._free.append(buffer)
-
-
-@final
-class UploadBuffers:
-    """One upload's buffers: one of its own, and spares from the client's
-    pool while it has them, POOL_SIZE in all at most.
-
-    The reader only ever waits for its own upload's buffers to come back.
-    Were it to wait on the shared pool, uploads a server is not reading yet
-    (it serves a few calls at a time, say) could hold every spare, and the
-    uploads it is reading would wait for ever.
-    """
-
-    def __init__(self, pool: BufferPool, chunk_size: int) -> None:
-        self._pool = pool
-        self._size = HEADER_ROOM + chunk_size
-        self._own: bytearray | None = None
-        self._own_free = False
-        self._spares = 0
-        self._returned = trio.lowlevel.ParkingLot()
-        self._closed = False
-        pool.join()
-
-    async def take(self) -> bytearray:
-        while True:
-            if self._own is None:
-                self._own, self._own_free = self._pool.own(self._size), True
-            if self._own_free:
-                self._own_free = False
-                return self._own
-            if self._spares < POOL_SIZE - 1:
-                spare = self._pool.spare(self._size)
-                if spare is not None:
-                    self._spares += 1
-                    return spare
-            await self._returned.park()
-
-    def give_back(self, buffer: bytearray) -> None:
-        if self._closed:
-            return  # a chunk outlived its upload: its buffer is not reused
-        if buffer is self._own:
-            self._own_free = True
-        else:
-            self._spares -= 1
-            self._pool.give_back(buffer, spares=1)
-        self._returned.unpark_all()
-
-    def close(self) -> None:
-        self._closed = True
-        self._pool.leave(self._own if self._own_free else None, self._spares)
 
 
 def _read_nowait(fd: int, view: memoryview, offset: int) -> int:
@@ -229,7 +122,7 @@ def _read_nowait(fd: int, view: memoryview, offset: int) -> int:
         raise
 
 
-def _file_read_fn(file: io.FileIO, name: str, buffers: UploadBuffers) -> _ReadFn:
+def _file_read_fn(file: io.FileIO, name: str, buffers: TransferBuffers) -> _ReadFn:
     fd = file.fileno()
     # Regular files are read at an offset of our own, first without blocking:
     # a chunk the page cache holds is copied right here, which costs less
@@ -315,7 +208,7 @@ async def open_source(
         file = await trio.to_thread.run_sync(open_file)
     except OSError as err:
         raise LocalIOError(f"cannot open {name}: {describe_oserror(err)}") from err
-    buffers = UploadBuffers(pool, chunk_size)
+    buffers = TransferBuffers(pool, chunk_size)
     try:
         yield ChunkReader(_file_read_fn(file, name, buffers), chunk_size)
     finally:

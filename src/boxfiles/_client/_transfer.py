@@ -17,6 +17,7 @@ from typing import Literal, final
 import trio
 
 from .._aio import Channel, ClientCall
+from .._chunks import BufferPool
 from .._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteError, UploadRejected
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._supervise import supervise
@@ -32,8 +33,8 @@ from .._wire import (
     size_hint,
 )
 from ._local import (
+    CLIENT_POOL_SIZE,
     WRITE_BATCH_BYTES,
-    BufferPool,
     ChunkReader,
     ChunkWriter,
     Destination,
@@ -57,7 +58,7 @@ class Calls:
     def __init__(self, channel: Channel, timeout: float | None) -> None:
         self.channel = channel
         self.timeout = timeout
-        self.buffers = BufferPool()
+        self.buffers = BufferPool(CLIENT_POOL_SIZE)
 
     @contextmanager
     def deadline(self) -> Iterator[None]:

@@ -1,9 +1,10 @@
 """Download, server side: pack a tree into a tar stream on the fly.
 
-Blocking; runs in a worker thread and hands ``chunk_size`` pieces to a trio
-memory channel as it goes, so the first chunk leaves before the tree has been
-read and a slow client stalls the packing rather than filling memory. Every
-file is opened from its directory's fd with O_NOFOLLOW, never by path.
+Blocking; runs in a worker thread and fills the download's chunk buffers as
+it goes (a :class:`boxfiles._chunks.ChunkSink`: file data is read straight
+into them), so the first chunk leaves before the tree has been read and a
+slow client stalls the packing rather than filling memory. Every file is
+opened from its directory's fd with O_NOFOLLOW, never by path.
 """
 
 from __future__ import annotations
@@ -14,70 +15,15 @@ import tarfile
 from dataclasses import dataclass
 from typing import final
 
-import trio
-
+from .._chunks import ChunkSink
 from .._errors import Internal, NotFound, Status
 from .._fs import DIR_FLAGS, TreeWalk
 from .._tar._write import END, HardLinks, header, member, padding
 from ._confine import STAGING_PREFIX, Located, components, locate
 
-#: Bytes read from a file at a time.
-READ_SIZE = 1024 * 1024
-
 #: Most entries :func:`measure` walks for a download's size hint; a larger
 #: tree gets no hint rather than a second long walk before its first byte.
 MEASURE_ENTRIES = 10_000
-
-
-@final
-class Sink:
-    """A blocking writer, for a worker thread, that sends ``chunk_size``
-    pieces to a trio channel (waiting while the channel is full).
-
-    After its first piece it waits for ``first_sent``: packing runs ahead
-    of the client only once the client has taken a whole chunk, so one that
-    resets after the first message (copy_in's probe) costs one chunk of
-    packing, not a channel's worth.
-
-    Sending goes through ``trio.from_thread.run``, so it inherits the host
-    task's cancellation: a cancelled download stops the thread at its next
-    send.
-    """
-
-    def __init__(
-        self, channel: trio.MemorySendChannel[bytes], chunk_size: int, first_sent: trio.Event
-    ) -> None:
-        self._channel = channel
-        self._chunk_size = chunk_size
-        self._first_sent = first_sent
-        self._waited = False
-        # Views of the written bytes not sent yet (under chunk_size of them):
-        # each piece is joined from them, the one copy of each byte here.
-        self._pending: list[memoryview] = []
-        self._pending_size = 0
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while self._pending_size + len(view) >= self._chunk_size:
-            take = self._chunk_size - self._pending_size
-            self._pending.append(view[:take])
-            view = view[take:]
-            piece = b"".join(self._pending)
-            self._pending.clear()
-            self._pending_size = 0
-            trio.from_thread.run(self._channel.send, piece)
-            if not self._waited:
-                self._waited = True
-                trio.from_thread.run(self._first_sent.wait)
-        if view:
-            self._pending.append(view)
-            self._pending_size += len(view)
-
-    def flush(self) -> None:
-        if self._pending:
-            trio.from_thread.run(self._channel.send, b"".join(self._pending))
-            self._pending.clear()
-            self._pending_size = 0
 
 
 @final
@@ -136,9 +82,6 @@ class _Counter:
     def write(self, data: bytes) -> None:
         self.size += len(data)
 
-    def flush(self) -> None:
-        pass
-
 
 class _TooMany(Exception):
     pass
@@ -146,10 +89,10 @@ class _TooMany(Exception):
 
 @final
 class _Packer:
-    """Writes a tree as tar to a Sink, or (to a _Counter) measures the
+    """Writes a tree as tar to a ChunkSink, or (to a _Counter) measures the
     archive it would write: the same headers, file data counted from fstat."""
 
-    def __init__(self, sink: Sink | _Counter) -> None:
+    def __init__(self, sink: ChunkSink | _Counter) -> None:
         self._sink = sink
         self._links = HardLinks()
 
@@ -212,16 +155,11 @@ class _Packer:
             if isinstance(self._sink, _Counter):
                 self._sink.size += st.st_size + padding(st.st_size)
                 return True
-            left = st.st_size
-            while left:
-                data = os.read(fd, min(left, READ_SIZE))
-                if not data:
-                    # Fail the download rather than pad it with zeros, as the
-                    # client's copy_in fails an upload: the client then keeps
-                    # nothing of it.
-                    raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
-                self._sink.write(data)
-                left -= len(data)
+            if self._sink.copy_from(fd, st.st_size) < st.st_size:
+                # Fail the download rather than pad it with zeros, as the
+                # client's copy_in fails an upload: the client then keeps
+                # nothing of it.
+                raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
             self._sink.write(END[: padding(st.st_size)])
         finally:
             os.close(fd)
@@ -244,7 +182,7 @@ def measure(plan: PackPlan) -> int | None:
     return counter.size + len(END)
 
 
-def pack(plan: PackPlan, sink: Sink) -> None:
+def pack(plan: PackPlan, sink: ChunkSink) -> None:
     """Write ``plan``'s source to ``sink`` as a tar archive (PAX format).
 
     Upload staging (entries named STAGING_PREFIX..., wherever they are) is

@@ -21,6 +21,7 @@ from typing import Any, TypeVar, final
 import trio
 
 from .._aio import Handler, ServerCall
+from .._chunks import BufferPool, ChunkSink, TransferBuffers
 from .._errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -40,9 +41,11 @@ from .._wire import (
     CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD,
+    DOWNLOAD_DATA_FIELD,
     MAX_PATH_BYTES,
     SIZE_HINT_KEY,
     UPLOAD,
+    Chunk,
     Method,
     decode_upload_chunk,
 )
@@ -61,10 +64,14 @@ T = TypeVar("T")
 #: Transfers (uploads and downloads together) one server runs at once; one
 #: more is refused at once with RESOURCE_EXHAUSTED, never queued. Room for a
 #: host's many parallel copies plus a few stalled clients. Each holds one
-#: worker thread of its own, and a download whose client reads nothing holds
-#: about 10 chunks of memory (measured), so this also bounds the server's
-#: threads and buffers.
+#: worker thread of its own and a chunk buffer of its own, so this also
+#: bounds the server's threads and buffers.
 MAX_TRANSFERS = 128
+
+#: Spare chunk buffers (beyond each download's own one) that all of a
+#: server's downloads hold at most, together: a download packs at most
+#: POOL_SIZE chunks ahead of its client, and only while spares last.
+SERVER_POOL_SIZE = 16
 
 #: Seconds a transfer may wait on its client without progress (no message
 #: received for an upload, no message taken for a download) before it is
@@ -192,6 +199,7 @@ class FilesService:
         self._max_transfers = max_transfers
         self._idle_timeout = idle_timeout
         self._transfers = 0
+        self._buffers = BufferPool(SERVER_POOL_SIZE)
         # Placements into one container run one at a time, so each applies
         # (or is undone) as a whole against a tree no other upload changes.
         self._locks = {cid: trio.Lock() for cid in self._roots}
@@ -404,12 +412,20 @@ class FilesService:
         plan: _pack.PackPlan,
         transfer: _Transfer,
     ) -> None:
-        send_chunks, receive_chunks = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+        send_chunks, receive_chunks = trio.open_memory_channel[Chunk](CHANNEL_CAPACITY)
         first_sent = trio.Event()
+        buffers = TransferBuffers(self._buffers, self._chunk_size)
+
+        async def hand_on(chunk: Chunk) -> None:
+            await send_chunks.send(chunk)
+            # Packing runs ahead of the client only once the client has
+            # taken a whole chunk: one that resets after the first message
+            # (copy_in's probe) costs one chunk of packing, not a pool's.
+            await first_sent.wait()
 
         async def pack() -> None:
             async with send_chunks:
-                sink = _pack.Sink(send_chunks, self._chunk_size, first_sent)
+                sink = ChunkSink(hand_on, buffers, self._chunk_size)
                 try:
                     await transfer.run_sync(lambda: _pack.pack(plan, sink))
                 except OSError as err:
@@ -423,11 +439,18 @@ class FilesService:
                 "the client took no data",
             )
             async with receive_chunks:
-                async for data in receive_chunks:
-                    await transfer.from_client(
-                        call.send(DownloadChunk(data=data)), "the client took no data"
-                    )
-                    transfer.bytes += len(data)
+                async for chunk in receive_chunks:
+                    try:
+                        await transfer.from_client(
+                            call.send_framed(chunk.framed(field=DOWNLOAD_DATA_FIELD)),
+                            "the client took no data",
+                        )
+                    finally:
+                        chunk.release()
+                    transfer.bytes += chunk.size
                     first_sent.set()
 
-        await supervise(pack, stream)
+        try:
+            await supervise(pack, stream)
+        finally:
+            buffers.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,14 @@ from .._errors import RemoteError, Status, remote_error
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._server import IDLE_TIMEOUT, MAX_TRANSFERS, FilesService, serve_service
 from .._supervise import one_error
-from .._wire import DEFAULT_CHUNK_SIZE, DOWNLOAD, UPLOAD, Method, decode_upload_chunk
+from .._wire import (
+    DEFAULT_CHUNK_SIZE,
+    DOWNLOAD,
+    PREFIX_BYTES,
+    UPLOAD,
+    Method,
+    decode_upload_chunk,
+)
 
 
 @final
@@ -201,6 +208,15 @@ class _FaultyCall:
             self._record.sizes.append(len(message.data))
             return
         await self._call.send(message)
+
+    async def send_framed(self, pieces: Sequence[bytes | memoryview], /) -> None:
+        if self._record.method == "download":
+            # Decoded (a copy: this is a test rig) for send to strike at,
+            # corrupt and count.
+            body = b"".join(pieces)[PREFIX_BYTES:]
+            await self.send(DownloadChunk.FromString(body))
+            return
+        await self._call.send_framed(pieces)
 
     async def send_initial_metadata(self, metadata: Mapping[str, str], /) -> None:
         await self._call.send_initial_metadata(metadata)
