@@ -19,6 +19,7 @@ import pytest
 
 import boxfiles
 from boxfiles._aio import FRAME_LIMIT, RECEIVE_FRAME_LIMIT, UNIX_SEND_BUFFER
+from boxfiles._aio._frames import WRITE_BATCH_BYTES
 from boxfiles._aio._internals import (
     MAX_HEADER_BLOCK_BYTES,
     PARTS_ABOVE,
@@ -26,6 +27,7 @@ from boxfiles._aio._internals import (
     ViewFrameBuffer,
     send_data_frame,
 )
+from boxfiles._aio._loop import SocketTransport
 
 from ..helpers.archives import BytesReader, files
 
@@ -317,3 +319,29 @@ async def test_unix_connections_send_through_a_chunk_sized_buffer(server: str) -
                 side = "client" if peer == path else "server"
                 ends[side] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     assert ends == {"client": expected, "server": expected}
+
+
+async def test_an_upload_of_small_chunks_writes_several_per_system_call(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each write is a system call and a wakeup of the peer: queued chunks go
+    # out together, frames batched up to WRITE_BATCH_BYTES per write.
+    writes: list[int] = []
+    real = SocketTransport.writelines
+
+    def counted(self: SocketTransport, list_of_data: Any) -> None:
+        pieces = list(list_of_data)
+        writes.append(sum(len(piece) for piece in pieces))
+        real(self, pieces)
+
+    monkeypatch.setattr(SocketTransport, "writelines", counted)
+    chunk, chunks = 64 * 1024, 64
+    async with boxfiles.open_client(server) as client:
+        await client.upload_tar(
+            BytesReader(files(f=os.urandom(chunk * chunks))), "/d", chunk_size=chunk
+        )
+    data_writes = [size for size in writes if size >= chunk]
+    print(f"{chunks + 1} chunks in {len(data_writes)} writes: {data_writes}")
+    assert sum(writes) > chunk * chunks
+    assert len(data_writes) <= chunks * 3 // 4  # one each, before
+    assert max(data_writes) <= WRITE_BATCH_BYTES + FRAME_LIMIT

@@ -32,6 +32,10 @@ from . import _internals
 #: every such copy faults in fresh pages.
 FRAME_LIMIT = 120 * 1024
 
+#: Frames written to the transport at once, at most (and then more only to
+#: finish a frame): one system call for several messages of 64 KiB.
+WRITE_BATCH_BYTES = 256 * 1024
+
 #: Largest frame accepted (SETTINGS_MAX_FRAME_SIZE, announced to every peer).
 #: A large DATA frame is taken in parts as its bytes arrive, never held or
 #: copied whole (``_internals.PARTS_ABOVE``), so this costs no memory; other
@@ -133,28 +137,40 @@ def send_now(
 def _write_frames(h2_stream: grpclib.protocol.Stream, views: list[memoryview]) -> None:
     """Write frames from the front of ``views`` (taking what goes) while the
     stream's window lasts and the transport takes more, until the peer
-    finished early."""
+    finished early. Frames go to the transport WRITE_BATCH_BYTES at a time:
+    each write is a system call and a wakeup of the peer."""
     connection = h2_stream.connection
     h2_connection, transport = _internals.h2_parts(h2_stream)
     stream_id = h2_stream.id
     assert stream_id is not None  # headers went first
-    while views and connection.write_ready.is_set():
-        if _internals.finished_early(h2_stream):
-            return
-        # Other streams may have used the connection's window meanwhile.
-        window = h2_connection.local_flow_control_window(stream_id)
-        if window <= 0:
-            return
-        view = views[0]
-        size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
-        transport.writelines(_internals.send_data_frame(h2_connection, stream_id, view[:size]))
-        h2_stream.data_sent += size
-        connection.data_sent += size
-        connection.data_send_process()
-        if size < len(view):
-            views[0] = view[size:]
-        else:
-            del views[0]
+    batch: list[bytes | memoryview] = []
+    batched = 0
+    try:
+        while views and connection.write_ready.is_set():
+            if _internals.finished_early(h2_stream):
+                return
+            # Other streams may have used the connection's window meanwhile.
+            window = h2_connection.local_flow_control_window(stream_id)
+            if window <= 0:
+                return
+            view = views[0]
+            size = min(window, h2_connection.max_outbound_frame_size, len(view), FRAME_LIMIT)
+            batch += _internals.send_data_frame(h2_connection, stream_id, view[:size])
+            batched += size
+            h2_stream.data_sent += size
+            connection.data_sent += size
+            connection.data_send_process()
+            if size < len(view):
+                views[0] = view[size:]
+            else:
+                del views[0]
+            if batched >= WRITE_BATCH_BYTES:
+                transport.writelines(batch)
+                batch, batched = [], 0
+    finally:
+        # Frames h2 has counted as sent are written, whatever stopped the loop.
+        if batch:
+            transport.writelines(batch)
 
 
 #: One lock per connection for the streams writing to it: a transport that

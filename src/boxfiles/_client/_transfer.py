@@ -147,9 +147,18 @@ async def _upload(
     async def read() -> None:
         while (chunk := await reader.read_chunk()).size:
             try:
-                await send_chunks.send(chunk)
+                # Queued without a checkpoint while there is room, so the
+                # sender takes a batch per turn (one crossing into asyncio,
+                # one system call), not a chunk. The channel holds
+                # CHANNEL_CAPACITY chunks: a checkpoint comes every few.
+                send_chunks.send_nowait(chunk)
+            except trio.WouldBlock:
+                try:
+                    await send_chunks.send(chunk)
+                except trio.BrokenResourceError:
+                    return  # the sender failed; its error explains why
             except trio.BrokenResourceError:
-                return  # the sender failed; its error explains why
+                return
         # Closing is the only end-of-data signal: a failed reader leaves the
         # channel open, so the sender is cancelled rather than ending the
         # stream as if the archive were complete.
