@@ -7,8 +7,10 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import grpclib.protocol
 import h2.config
 import h2.connection
 import h2.errors
@@ -21,13 +23,17 @@ import boxfiles
 from boxfiles._aio import FRAME_LIMIT, RECEIVE_FRAME_LIMIT, UNIX_SEND_BUFFER
 from boxfiles._aio._frames import WRITE_BATCH_BYTES
 from boxfiles._aio._internals import (
+    COALESCE_BELOW,
     MAX_HEADER_BLOCK_BYTES,
     PARTS_ABOVE,
     VIEW_MIN_SHARE,
     ViewFrameBuffer,
+    awaiting_data,
+    buffered_message,
     send_data_frame,
 )
 from boxfiles._aio._loop import SocketTransport
+from boxfiles._wire import MAX_MESSAGE_BYTES
 
 from ..helpers.archives import BytesReader, files
 
@@ -345,3 +351,52 @@ async def test_an_upload_of_small_chunks_writes_several_per_system_call(
     assert sum(writes) > chunk * chunks
     assert len(data_writes) <= chunks * 3 // 4  # one each, before
     assert max(data_writes) <= WRITE_BATCH_BYTES + FRAME_LIMIT
+
+
+def grpc_frame(body: bytes) -> bytes:
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def test_a_message_is_acknowledged_as_it_arrives_never_past_its_end() -> None:
+    # The client waits for a message's data without an asyncio task; what
+    # has arrived must be acknowledged meanwhile (as grpclib's read would),
+    # or a message larger than the window would never come whole.
+    acks: list[int] = []
+    stream = SimpleNamespace(buffer=grpclib.protocol.Buffer(acks.append), wrapper=None)
+    h2_stream = cast(grpclib.protocol.Stream, stream)
+    first, second = os.urandom(100_000), os.urandom(50)
+    wire = grpc_frame(first) + grpc_frame(second)
+    entries = [wire[:40_000], wire[40_000:80_000], wire[80_000:100_010]]
+    for entry in entries[:2]:
+        stream.buffer.add(entry, len(entry))
+        assert buffered_message(h2_stream, MAX_MESSAGE_BYTES) is None
+        assert awaiting_data(h2_stream, MAX_MESSAGE_BYTES)
+    assert acks == [40_000, 40_000]
+    stream.buffer.add(entries[2], len(entries[2]))
+    pieces = buffered_message(h2_stream, MAX_MESSAGE_BYTES)
+    assert pieces is not None
+    assert b"".join(pieces) == first
+    assert acks == [40_000, 40_000, 20_010]  # the frame holding its end, whole
+    assert buffered_message(h2_stream, MAX_MESSAGE_BYTES) is None  # 5 of 55 bytes
+    assert awaiting_data(h2_stream, MAX_MESSAGE_BYTES)
+    rest = wire[100_010:]
+    stream.buffer.add(rest, len(rest))
+    last = buffered_message(h2_stream, MAX_MESSAGE_BYTES)
+    assert last is not None
+    assert b"".join(last) == second
+    stream.buffer.eof()
+    assert buffered_message(h2_stream, MAX_MESSAGE_BYTES) is None
+    assert not awaiting_data(h2_stream, MAX_MESSAGE_BYTES)  # read_pieces answers at once
+
+
+@pytest.mark.parametrize("prefix", [b"\x01\x00\x00\x00\x10", b"\x00\x00\x40\x00\x01"])
+def test_a_refused_prefix_is_not_waited_on_nor_acknowledged_past(prefix: bytes) -> None:
+    # Compressed, or over MAX_MESSAGE_BYTES (4 MiB): read_pieces refuses it.
+    acks: list[int] = []
+    stream = SimpleNamespace(buffer=grpclib.protocol.Buffer(acks.append), wrapper=None)
+    h2_stream = cast(grpclib.protocol.Stream, stream)
+    for entry in (prefix, b"x" * COALESCE_BELOW):  # not joined to the prefix
+        stream.buffer.add(entry, len(entry))
+    assert buffered_message(h2_stream, MAX_MESSAGE_BYTES) is None
+    assert not awaiting_data(h2_stream, MAX_MESSAGE_BYTES)
+    assert acks == [5]

@@ -164,9 +164,12 @@ class ClientCall(Generic[SendT, RecvT]):
         the caller to decode without copying its payload), or None once the
         peer ended its side cleanly."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        pieces = self._now(partial(_frames.recv_buffered, self._stream))
-        if pieces is None:
-            return await self._call(_frames.recv_pieces(self._stream))
+        # Without an asyncio task while the message is only waiting for its
+        # data: tried again after each turn of the loop (a socket read, say).
+        while (pieces := self._now(partial(_frames.recv_buffered, self._stream))) is None:
+            if not self._now(partial(_frames.awaiting_data, self._stream)):
+                return await self._call(_frames.recv_pieces(self._stream))
+            await self._loop.wait_turn()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return pieces
 

@@ -202,14 +202,23 @@ async def recv_pieces(stream: grpclib.client.Stream[Any, Any]) -> list[memoryvie
 
 def recv_buffered(stream: grpclib.client.Stream[Any, Any]) -> list[memoryview] | None:
     """recv_pieces without waiting, for a message that has arrived whole:
-    its views, or None (nothing taken) if recv_pieces would wait or raise.
-    Creating and scheduling an asyncio task costs more than receiving a
+    its views, or None if recv_pieces would wait or raise (what has arrived
+    of the message is acknowledged, as recv_pieces would). Creating and scheduling an asyncio task costs more than receiving a
     64 KiB message; a download's messages have mostly arrived by the time
     they are asked for."""
     h2_stream = _internals.h2_stream_of(stream)
     if _internals.client_initial_metadata_pending(stream) or _internals.stream_failed(h2_stream):
         return None
     return _internals.buffered_message(h2_stream, MAX_MESSAGE_BYTES)
+
+
+def awaiting_data(stream: grpclib.client.Stream[Any, Any]) -> bool:
+    """After recv_buffered found no message: whether one can only come with
+    data not received yet (else recv_pieces answers at once: the end, the
+    headers' wait, or an error)."""
+    return not _internals.client_initial_metadata_pending(stream) and _internals.awaiting_data(
+        _internals.h2_stream_of(stream), MAX_MESSAGE_BYTES
+    )
 
 
 async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:

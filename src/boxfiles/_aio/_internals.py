@@ -416,41 +416,59 @@ async def read_pieces(h2_stream: grpclib.protocol.Stream, size: int) -> list[mem
 def buffered_message(h2_stream: grpclib.protocol.Stream, max_size: int) -> list[memoryview] | None:
     """The next gRPC message's body, taken as read_pieces takes it, if its
     5-byte prefix and all of its body have arrived, the prefix says it is
-    uncompressed and its size is at most ``max_size``; otherwise None, and
-    nothing is taken (read_pieces then waits, or refuses it)."""
+    uncompressed and its size is at most ``max_size``; otherwise None.
+
+    What has arrived of the message is acknowledged meanwhile, as
+    read_pieces would (never past the message's end, nor past a prefix
+    that read_pieces refuses), so a message larger than the flow-control
+    window still comes whole."""
     buffer = h2_stream.buffer
-    queue: deque[grpclib.protocol.UnackedData] = buffer._unacked._queue  # type: ignore[attr-defined]
-    arrived = buffer._acked_size
+    size = _acceptable_size(buffer, max_size)
+    if size is None or not _ack_arrived(buffer, 5 + size):
+        return None
+    _take_acked(buffer, 5)
+    return _take_acked(buffer, size)
+
+
+def awaiting_data(h2_stream: grpclib.protocol.Stream, max_size: int) -> bool:
+    """Whether the next message (buffered_message found none) can only come
+    with data not received yet, which read_pieces would wait for: the stream
+    has neither ended nor failed, and the next message's prefix, as far as
+    it has arrived, is one read_pieces accepts."""
+    buffer = h2_stream.buffer
+    if stream_failed(h2_stream) or buffer._eof:
+        return False
+    return buffer._acked_size < 5 or _acceptable_size(buffer, max_size) is not None
+
+
+def _acceptable_size(buffer: grpclib.protocol.Buffer, max_size: int) -> int | None:
+    """The next message's size, once its prefix has arrived (acknowledged)
+    and says it is uncompressed and at most ``max_size``; else None."""
+    if not _ack_arrived(buffer, 5):
+        return None
     prefix = bytearray()
-    arrived_data: Iterable[bytes] = itertools.chain(
-        (cast(bytes, chunk) for chunk, _ in buffer._acked),
-        (e.data for e in queue if e.ack_size),
-    )
-    for data in arrived_data:
-        prefix += data[: 5 - len(prefix)]
+    for chunk, _ in buffer._acked:
+        prefix += chunk[: 5 - len(prefix)]
         if len(prefix) == 5:
             break
-    if len(prefix) < 5 or prefix[0]:
-        return None
     size = int.from_bytes(prefix[1:], "big")
-    if size > max_size:
-        return None
-    for entry in queue:
-        if arrived >= 5 + size or not entry.ack_size:
-            break
-        arrived += entry.data_size
-    if arrived < 5 + size:
-        return None
+    return None if prefix[0] or size > max_size else size
+
+
+def _ack_arrived(buffer: grpclib.protocol.Buffer, size: int) -> bool:
+    """Move arrived data to the acknowledged side, as read_pieces does,
+    until ``size`` bytes are there: whether they are. One acknowledgement
+    (h2's bookkeeping, maybe a WINDOW_UPDATE) for all of it."""
+    queue: deque[grpclib.protocol.UnackedData] = buffer._unacked._queue  # type: ignore[attr-defined]
     ack_size = 0
-    while buffer._acked_size < 5 + size:
+    while buffer._acked_size < size and queue and queue[0].ack_size:
         entry = buffer._unacked.get_nowait()
         buffer._acked.append(grpclib.protocol.AckedData(memoryview(entry.data), entry.data_size))
         buffer._acked_size += entry.data_size
         ack_size += entry.ack_size
-    if ack_size:  # one acknowledgement (h2's bookkeeping, maybe a WINDOW_UPDATE) per message
+    if ack_size:
         buffer._ack_callback(ack_size)
-    _take_acked(buffer, 5)
-    return _take_acked(buffer, size)
+    return buffer._acked_size >= size
 
 
 def _take_acked(buffer: grpclib.protocol.Buffer, size: int) -> list[memoryview]:
