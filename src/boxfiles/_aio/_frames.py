@@ -242,6 +242,24 @@ async def recv_encoded_from_client(stream: grpclib.server.Stream[Any, Any]) -> b
     return b"".join(pieces)
 
 
+def recv_buffered_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes | None:
+    """recv_encoded_from_client without waiting, as recv_buffered: the
+    message's bytes, or None if recv_encoded_from_client would wait or raise."""
+    h2_stream = _internals.h2_stream_of(stream)
+    if _internals.stream_failed(h2_stream):
+        return None
+    pieces = _internals.buffered_message(h2_stream, MAX_MESSAGE_BYTES)
+    if pieces is None:
+        return None
+    _internals.count_received_request(stream)
+    return b"".join(pieces)
+
+
+def awaiting_data_from_client(stream: grpclib.server.Stream[Any, Any]) -> bool:
+    """awaiting_data, after recv_buffered_from_client found no message."""
+    return _internals.awaiting_data(_internals.h2_stream_of(stream), MAX_MESSAGE_BYTES)
+
+
 async def _recv_body(h2_stream: grpclib.protocol.Stream) -> list[memoryview] | None:
     prefix = b"".join(await _internals.read_pieces(h2_stream, 5))
     if not prefix:

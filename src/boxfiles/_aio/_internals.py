@@ -9,11 +9,10 @@ I/O of its own.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, cast
 

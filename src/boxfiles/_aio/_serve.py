@@ -27,6 +27,7 @@ from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
 log = logging.getLogger("boxfiles")
 
+T = TypeVar("T")
 RecvT = TypeVar("RecvT", bound=Message)
 SendT = TypeVar("SendT", bound=Message)
 RecvT_co = TypeVar("RecvT_co", bound=Message, covariant=True)
@@ -104,14 +105,25 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         return message
 
     async def recv_encoded(self) -> bytes | None:
-        try:
-            return await run(
-                self._loop, _frames.recv_encoded_from_client(self._stream), _FROM_CLIENT
-            )
-        except FilesError as exc:
-            if isinstance(exc.__cause__, MessageTooLarge):
-                raise ResourceExhausted(str(exc.__cause__)) from exc.__cause__
-            raise
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # Without an asyncio task while the message is only waiting for its
+        # data: tried again after each turn of the loop (a socket read, say).
+        while (body := self._now(_frames.recv_buffered_from_client)) is None:
+            if not self._now(_frames.awaiting_data_from_client):
+                try:
+                    return await run(
+                        self._loop, _frames.recv_encoded_from_client(self._stream), _FROM_CLIENT
+                    )
+                except FilesError as exc:
+                    if isinstance(exc.__cause__, MessageTooLarge):
+                        raise ResourceExhausted(str(exc.__cause__)) from exc.__cause__
+                    raise
+            await self._loop.wait_turn()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return body
+
+    def _now(self, fn: Callable[[grpclib.server.Stream[RecvT, SendT]], T]) -> T:
+        return run_now(partial(fn, self._stream), _FROM_CLIENT)
 
     async def send(self, message: SendT, /) -> None:
         await self.send_framed(_frames.encode_reply(message))
