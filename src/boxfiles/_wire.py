@@ -225,10 +225,15 @@ def _prefix(length: int) -> bytes:
     return b"\x00" + length.to_bytes(4, "big")  # uncompressed, then the length
 
 
+def framed(message: Message) -> tuple[bytes, bytes]:
+    """A message as the wire carries it: its prefix, then its body."""
+    body = message.SerializeToString()
+    return _prefix(len(body)), body
+
+
 def encode_metadata_only(first: UploadChunk) -> bytes:
     """The gRPC message for an upload with no data at all: one chunk."""
-    body = first.SerializeToString()
-    return _prefix(len(body)) + body
+    return b"".join(framed(first))
 
 
 def decode_download_chunk(

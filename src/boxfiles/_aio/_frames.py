@@ -19,9 +19,8 @@ import grpclib.client
 import grpclib.exceptions
 import grpclib.protocol
 import grpclib.server
-from google.protobuf.message import Message
 
-from .._wire import MAX_MESSAGE_BYTES
+from .._wire import MAX_MESSAGE_BYTES, PREFIX_BYTES
 from . import _internals
 
 #: Largest DATA frame sent. HTTP/2's default of 16 KiB makes a 1 MiB message
@@ -64,17 +63,11 @@ async def send_encoded(
         await _send_data(_internals.h2_stream_of(stream), pieces)
 
 
-def encode_reply(message: Message) -> tuple[bytes, bytes]:
-    """A reply as the wire carries it: the 5-byte prefix, then the body."""
-    body = message.SerializeToString()
-    return b"\x00" + len(body).to_bytes(4, "big"), body
-
-
 async def send_reply(
     stream: grpclib.server.Stream[Any, Any], pieces: Sequence[bytes | memoryview]
 ) -> None:
     """grpclib's server send_message (its bookkeeping included) for a reply
-    encoded by encode_reply (or what send_now left of it), framed as the
+    encoded by ``_wire.framed`` (or what send_now left of it), framed as the
     client frames its own."""
     if _internals.reply_headers_pending(stream):
         await stream.send_initial_metadata()
@@ -261,12 +254,12 @@ def awaiting_data_from_client(stream: grpclib.server.Stream[Any, Any]) -> bool:
 
 
 async def _recv_body(h2_stream: grpclib.protocol.Stream) -> list[memoryview] | None:
-    prefix = b"".join(await _internals.read_pieces(h2_stream, 5))
+    prefix = b"".join(await _internals.read_pieces(h2_stream, PREFIX_BYTES))
     if not prefix:
         return None
     if prefix[0]:
         raise grpclib.exceptions.ProtocolError("compressed messages are not supported")
-    size = int.from_bytes(prefix[1:5], "big")
+    size = int.from_bytes(prefix[1:], "big")
     if size > MAX_MESSAGE_BYTES:
         raise MessageTooLarge(
             f"a message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes"

@@ -30,6 +30,8 @@ import h2.stream
 import hyperframe.exceptions
 import hyperframe.frame
 
+from .._wire import PREFIX_BYTES
+
 # -- asyncio -------------------------------------------------------------------
 
 # asyncio marks the loop that is running a callback in a per-thread slot that
@@ -423,9 +425,9 @@ def buffered_message(h2_stream: grpclib.protocol.Stream, max_size: int) -> list[
     window still comes whole."""
     buffer = h2_stream.buffer
     size = _acceptable_size(buffer, max_size)
-    if size is None or not _ack_arrived(buffer, 5 + size):
+    if size is None or not _ack_arrived(buffer, PREFIX_BYTES + size):
         return None
-    _take_acked(buffer, 5)
+    _take_acked(buffer, PREFIX_BYTES)
     return _take_acked(buffer, size)
 
 
@@ -437,18 +439,18 @@ def awaiting_data(h2_stream: grpclib.protocol.Stream, max_size: int) -> bool:
     buffer = h2_stream.buffer
     if stream_failed(h2_stream) or buffer._eof:
         return False
-    return buffer._acked_size < 5 or _acceptable_size(buffer, max_size) is not None
+    return buffer._acked_size < PREFIX_BYTES or _acceptable_size(buffer, max_size) is not None
 
 
 def _acceptable_size(buffer: grpclib.protocol.Buffer, max_size: int) -> int | None:
     """The next message's size, once its prefix has arrived (acknowledged)
     and says it is uncompressed and at most ``max_size``; else None."""
-    if not _ack_arrived(buffer, 5):
+    if not _ack_arrived(buffer, PREFIX_BYTES):
         return None
     prefix = bytearray()
     for chunk, _ in buffer._acked:
-        prefix += chunk[: 5 - len(prefix)]
-        if len(prefix) == 5:
+        prefix += chunk[: PREFIX_BYTES - len(prefix)]
+        if len(prefix) == PREFIX_BYTES:
             break
     size = int.from_bytes(prefix[1:], "big")
     return None if prefix[0] or size > max_size else size

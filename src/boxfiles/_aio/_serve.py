@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .._errors import FilesError, InvalidArgument, RemoteError, ResourceExhausted
 from .._supervise import one_error
-from .._wire import Method
+from .._wire import Method, framed
 from . import _frames, _internals
 from ._edge import cardinality, run, run_now
 from ._frames import RECEIVE_FRAME_LIMIT, MessageTooLarge
@@ -126,7 +126,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         return run_now(partial(fn, self._stream), _FROM_CLIENT)
 
     async def send(self, message: SendT, /) -> None:
-        await self.send_framed(_frames.encode_reply(message))
+        await self.send_framed(framed(message))
 
     async def send_framed(self, pieces: Sequence[bytes | memoryview], /) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
