@@ -323,3 +323,48 @@ async def test_a_call_has_its_whole_window_before_its_request(sock_dir: Path, pe
                     await call.finish()
         nursery.cancel_scope.cancel()
     assert windows == [PEEK_WINDOW if peek else STREAM_WINDOW]
+
+
+@pytest.mark.parametrize("ending", ["reset", "end-stream", "close", "goaway", "stall"])
+async def test_a_message_cut_short_ends_the_download_at_once(
+    sock_dir: Path, tmp_path: Path, ending: str
+) -> None:
+    # The client waits for the rest of a message without an asyncio task:
+    # whatever stops it arriving must end that wait, and a stall must still
+    # give way to the caller's cancellation.
+    async with h2_server(sock_dir / "h2.sock") as (target, peers), trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            peer = await peers.receive()
+            sid = await peer.answer()
+            first = DownloadChunk(source_is_dir=False).SerializeToString()
+            body = DownloadChunk(data=os.urandom(100_000)).SerializeToString()
+            peer.h2.send_data(sid, framed(first) + framed(body)[:30_000])
+            await peer.flush()
+            await trio.sleep(0.2)  # the client is waiting for the rest by now
+            if ending == "reset":
+                peer.h2.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            elif ending == "end-stream":
+                peer.h2.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            elif ending == "goaway":
+                peer.h2.close_connection(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            await peer.flush()
+            if ending in ("close", "goaway"):
+                peer.conn.close()
+            await trio.sleep_forever()
+
+        nursery.start_soon(serve)
+        async with boxfiles.open_client(target) as client:
+            with trio.fail_after(PROMPT):
+                if ending == "stall":
+                    with trio.move_on_after(0.5) as waited:
+                        await client.download_tar("/d", tmp_path / "out.tar")
+                    assert waited.cancelled_caught
+                else:
+                    with pytest.raises(boxfiles.FilesError) as info:
+                        await client.download_tar("/d", tmp_path / "out.tar")
+                    assert isinstance(
+                        info.value, (boxfiles.IncompleteTransfer, boxfiles.Unavailable)
+                    )
+        nursery.cancel_scope.cancel()
+    assert list(tmp_path.iterdir()) == []
