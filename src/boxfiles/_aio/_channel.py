@@ -165,11 +165,11 @@ class ClientCall(Generic[SendT, RecvT]):
         peer ended its side cleanly."""
         await trio.lowlevel.checkpoint_if_cancelled()
         # Without an asyncio task while the message is only waiting for its
-        # data: tried again after each turn of the loop (a socket read, say).
+        # data: tried again whenever something arrives for the stream.
         while (pieces := self._now(partial(_frames.recv_buffered, self._stream))) is None:
             if not self._now(partial(_frames.awaiting_data, self._stream)):
                 return await self._call(_frames.recv_pieces(self._stream))
-            await self._loop.wait_turn()
+            await _internals.data_arrival(_internals.h2_stream_of(self._stream))
         await trio.lowlevel.cancel_shielded_checkpoint()
         return pieces
 

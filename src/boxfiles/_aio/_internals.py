@@ -29,6 +29,7 @@ import h2.settings
 import h2.stream
 import hyperframe.exceptions
 import hyperframe.frame
+import trio
 
 from .._wire import PREFIX_BYTES
 
@@ -377,13 +378,64 @@ def _coalescing_add(self: grpclib.protocol.Buffer, data: bytes, ack_size: int) -
                 last.data_size + len(data),
                 last.ack_size + ack_size,
             )
+            _wake_readers(self)
             return
     self._unacked.put_nowait(grpclib.protocol.UnackedData(data, len(data), ack_size))
+    _wake_readers(self)
 
 
 # grpclib's Buffer.add, with small payloads joined (see COALESCE_BELOW); the
 # same bytes, in the same order, acknowledged in the same total.
 grpclib.protocol.Buffer.add = _coalescing_add  # type: ignore[method-assign]
+
+
+# -- grpclib: a stream's data waited for in trio ----------------------------------
+#
+# A message still arriving is waited for by the trio task that wants it, not
+# by an asyncio task per message (creating and scheduling one costs more than
+# a 64 KiB message). grpclib has no hook for "something arrived for this
+# stream", so its three ways of saying so are wrapped: Buffer.add (data),
+# Buffer.eof (the stream's end) and Stream.__terminated__ (a reset, a GOAWAY
+# or the connection's loss). Each wakes only the tasks waiting on that
+# stream. A grpclib deadline is not among them: the trio deadline set with
+# it ends the wait.
+
+_READERS = "_boxfiles_readers"  # a Buffer's trio ParkingLot, once waited on
+
+
+def _wake_readers(buffer: grpclib.protocol.Buffer) -> None:
+    readers: trio.lowlevel.ParkingLot | None = getattr(buffer, _READERS, None)
+    if readers:
+        readers.unpark_all()
+
+
+async def data_arrival(h2_stream: grpclib.protocol.Stream) -> None:
+    """Wait until something arrives for the stream: data, its end, or its
+    failure. Cancellation: a plain trio checkpoint; nothing is lost."""
+    buffer = h2_stream.buffer
+    readers: trio.lowlevel.ParkingLot | None = getattr(buffer, _READERS, None)
+    if readers is None:
+        readers = trio.lowlevel.ParkingLot()
+        setattr(buffer, _READERS, readers)
+    await readers.park()
+
+
+_grpclib_eof = grpclib.protocol.Buffer.eof
+_grpclib_terminated = grpclib.protocol.Stream.__terminated__
+
+
+def _eof_and_wake(self: grpclib.protocol.Buffer) -> None:
+    _grpclib_eof(self)
+    _wake_readers(self)
+
+
+def _terminated_and_wake(self: grpclib.protocol.Stream, reason: str) -> None:
+    _grpclib_terminated(self, reason)
+    _wake_readers(self.buffer)
+
+
+grpclib.protocol.Buffer.eof = _eof_and_wake  # type: ignore[method-assign]
+grpclib.protocol.Stream.__terminated__ = _terminated_and_wake  # type: ignore[method-assign]
 
 
 async def read_pieces(h2_stream: grpclib.protocol.Stream, size: int) -> list[memoryview]:

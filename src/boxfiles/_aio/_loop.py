@@ -114,7 +114,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
         self._cancelled_timers = 0
         self._sequence = itertools.count()
         self._parked: trio.lowlevel.Task | None = None
-        self._turn_waiters = trio.lowlevel.ParkingLot()
         self._transports: set[SocketTransport] = set()
         self._scopes: set[trio.CancelScope] = set()
         self._ended = False
@@ -134,12 +133,7 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
             trio.lowlevel.reschedule(task)
 
     def run_ready(self) -> None:
-        """Run the callbacks that are due, as the loop's running turn.
-
-        Every change on the asyncio side (data received, a connection lost,
-        a timer) is followed by a turn, which wakes :meth:`wait_turn`."""
-        if self._turn_waiters:
-            self._turn_waiters.unpark_all()  # they run once this turn is over
+        """Run the callbacks that are due, as the loop's running turn."""
         now = self.time()
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -163,13 +157,6 @@ class TrioEventLoop(asyncio.AbstractEventLoop):  # type: ignore[misc]
                     self.call_exception_handler(
                         {"message": f"exception in callback {callback!r}", "exception": exc}
                     )
-
-    async def wait_turn(self) -> None:
-        """Wait (in trio) for the loop's next turn: a check of asyncio-side
-        state that failed can be tried again then, without an asyncio task.
-
-        Cancellation: a plain trio checkpoint; nothing is lost."""
-        await self._turn_waiters.park()
 
     def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
         self._parked = None

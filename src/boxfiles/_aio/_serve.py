@@ -107,7 +107,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
     async def recv_encoded(self) -> bytes | None:
         await trio.lowlevel.checkpoint_if_cancelled()
         # Without an asyncio task while the message is only waiting for its
-        # data: tried again after each turn of the loop (a socket read, say).
+        # data: tried again whenever something arrives for the stream.
         while (body := self._now(_frames.recv_buffered_from_client)) is None:
             if not self._now(_frames.awaiting_data_from_client):
                 try:
@@ -118,7 +118,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
                     if isinstance(exc.__cause__, MessageTooLarge):
                         raise ResourceExhausted(str(exc.__cause__)) from exc.__cause__
                     raise
-            await self._loop.wait_turn()
+            await _internals.data_arrival(_internals.h2_stream_of(self._stream))
         await trio.lowlevel.cancel_shielded_checkpoint()
         return body
 
