@@ -198,9 +198,10 @@ async def recv_pieces(stream: grpclib.client.Stream[Any, Any]) -> list[memoryvie
 def recv_buffered(stream: grpclib.client.Stream[Any, Any]) -> list[memoryview] | None:
     """recv_pieces without waiting, for a message that has arrived whole:
     its views, or None if recv_pieces would wait or raise (what has arrived
-    of the message is acknowledged, as recv_pieces would). Creating and scheduling an asyncio task costs more than receiving a
-    64 KiB message; a download's messages have mostly arrived by the time
-    they are asked for."""
+    of the message is acknowledged, as recv_pieces would). Creating and
+    scheduling an asyncio task costs more than receiving a 64 KiB message;
+    a download's messages have mostly arrived by the time they are asked
+    for."""
     h2_stream = _internals.h2_stream_of(stream)
     if _internals.client_initial_metadata_pending(stream) or _internals.stream_failed(h2_stream):
         return None

@@ -166,8 +166,9 @@ class ViewFrameBuffer(h2.frame_buffer.FrameBuffer):
     came in. A frame over PARTS_ABOVE (unpadded: a padded one is refused)
     goes on in parts as its bytes arrive, one per read, as if the peer had
     sent it as several frames (the same bytes, flow-controlled in the same
-    total, END_STREAM on the last part): it is never joined, nor held whole. Every other frame is held whole,
-    and refused over MAX_HEADER_BLOCK_BYTES. Everything else is h2's: its
+    total, END_STREAM on the last part): it is never joined, nor held
+    whole. Every other frame is held whole, and refused over
+    MAX_HEADER_BLOCK_BYTES. Everything else is h2's: its
     frame-size check, its CONTINUATION handling, its frame classes. h2 has
     no option for it; its connection reads ``incoming_buffer`` on every
     ``receive_data``.
