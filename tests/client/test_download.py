@@ -11,7 +11,10 @@ import trio
 
 import boxfiles
 from boxfiles._aio import ServerCall
+from boxfiles._client._local import WRITE_BATCH_BYTES
+from boxfiles._client._transfer import ARRIVED_PER_TURN
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
+from boxfiles._wire import CHANNEL_CAPACITY
 
 from ..helpers.archives import contents
 from ..helpers.checks import Leaks, assert_no_asyncio_tasks
@@ -105,6 +108,80 @@ async def test_returns_source_is_dir_of_first_chunk(
             writer = ListWriter()
             assert await client.download_tar("/x", writer) is expected
     assert b"".join(writer.parts) == b"ab"
+
+
+class HeldWriter:
+    """Records each write; the first one waits for ``release`` and then a
+    moment more, so whatever the server sent meanwhile has arrived."""
+
+    def __init__(self, release: trio.Event) -> None:
+        self.release = release
+        self.writes: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        if not self.writes:
+            await self.release.wait()
+            await trio.sleep(0.2)
+        await trio.lowlevel.checkpoint()
+        self.writes.append(data)
+
+
+async def test_small_messages_that_have_arrived_are_written_in_batches(sock_dir: Path) -> None:
+    pieces = [os.urandom(4096) for _ in range(256)]
+    sent = trio.Event()
+
+    async def script(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        await call.recv()
+        for piece in pieces:
+            await call.send(DownloadChunk(data=piece))
+        sent.set()
+
+    writer = HeldWriter(sent)
+    async with scripted_server(sock_dir, download=script) as srv:
+        async with boxfiles.open_client(srv.target) as client:
+            await client.download_tar("/x", writer)
+    assert b"".join(writer.writes) == b"".join(pieces)
+    # A channel item per message, and a write of at most CHANNEL_CAPACITY + 1
+    # items, would take 52 writes or more.
+    assert len(writer.writes) <= 12, [len(w) for w in writer.writes]
+
+
+async def test_a_backlog_of_arrived_messages_is_taken_with_a_checkpoint_every_few(
+    sock_dir: Path,
+) -> None:
+    # The writer holds its first batch while the channel fills and the
+    # server sends a backlog of empty messages; then the receiving task has
+    # them all at hand, and must still yield every ARRIVED_PER_TURN.
+    backlog = 2000
+    sent = trio.Event()
+
+    async def script(call: ServerCall[DownloadRequest, DownloadChunk]) -> None:
+        await call.recv()
+        for _ in range(CHANNEL_CAPACITY + 2):
+            await call.send(DownloadChunk(data=b"d" * WRITE_BATCH_BYTES))
+        for _ in range(backlog):
+            await call.send(DownloadChunk())
+        sent.set()
+
+    class ReceiverSteps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if sent.is_set() and task.name.endswith("_download.<locals>.receive"):
+                self.steps += 1
+
+    writer = HeldWriter(sent)
+    counter = ReceiverSteps()
+    async with scripted_server(sock_dir, download=script) as srv:
+        async with boxfiles.open_client(srv.target) as client:
+            trio.lowlevel.add_instrument(counter)
+            try:
+                await client.download_tar("/x", writer)
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+    assert sum(map(len, writer.writes)) == (CHANNEL_CAPACITY + 2) * WRITE_BATCH_BYTES
+    assert counter.steps >= backlog // ARRIVED_PER_TURN, counter.steps
 
 
 async def test_failure_mid_stream_leaves_nothing_and_keeps_status(

@@ -159,6 +159,17 @@ class ClientCall(Generic[SendT, RecvT]):
             raise IncompleteTransfer(f"malformed message {self._where}: {exc}") from exc
         return message
 
+    def recv_arrived(self) -> list[memoryview] | None:
+        """The next message as :meth:`recv_pieces` gives it, if it has
+        arrived whole; None otherwise (then ``recv_pieces`` waits for it or
+        tells why there is none). Not a checkpoint: a caller that loops on
+        it must reach one in bounded time of its own.
+
+        Raises:
+            FilesError: as recv_pieces, for a failure already known.
+        """
+        return self._now(partial(_frames.recv_buffered, self._stream))
+
     async def recv_pieces(self) -> list[memoryview] | None:
         """The next message, encoded, as views of the frames it came in (for
         the caller to decode without copying its payload), or None once the
@@ -166,7 +177,7 @@ class ClientCall(Generic[SendT, RecvT]):
         await trio.lowlevel.checkpoint_if_cancelled()
         # Without an asyncio task while the message is only waiting for its
         # data: tried again whenever something arrives for the stream.
-        while (pieces := self._now(partial(_frames.recv_buffered, self._stream))) is None:
+        while (pieces := self.recv_arrived()) is None:
             if not self._now(partial(_frames.awaiting_data, self._stream)):
                 return await self._call(_frames.recv_pieces(self._stream))
             await _internals.data_arrival(_internals.h2_stream_of(self._stream))

@@ -42,6 +42,11 @@ from ._local import (
 )
 from ._progress import Meter, metered_writer
 
+#: Messages that have arrived whole that a download takes in a row without a
+#: checkpoint (the rest of a turn's worth of received data waits for the
+#: next): bounds the time between checkpoints whatever the messages' size.
+ARRIVED_PER_TURN = 64
+
 #: What a path in the box is, as copy_in's destination probe learns it.
 RemoteKind = Literal["dir", "file", "missing", "unknown"]
 
@@ -222,11 +227,34 @@ async def _download(
     send_chunks, receive_chunks = trio.open_memory_channel[list[memoryview]](CHANNEL_CAPACITY)
     source_is_dir: bool | None = None
 
+    async def hand_on(batch: list[memoryview]) -> bool:
+        """Queue ``batch`` for the writer (a checkpoint: the writer starts on
+        it at once); False if the writer failed."""
+        try:
+            await send_chunks.send(batch)
+        except trio.BrokenResourceError:
+            return False  # the writer failed; its error explains why
+        return True
+
     async def receive() -> None:
         nonlocal source_is_dir
         await call.send(request, end=True)
         first = True
-        while (body := await call.recv_pieces()) is not None:
+        # Messages that have arrived whole are taken without a checkpoint,
+        # up to ARRIVED_PER_TURN, and their data handed on in batches of
+        # WRITE_BATCH_BYTES or what there is: small messages then cost the
+        # writer a wake-up (and a thread hop) per batch, not each.
+        batch: list[memoryview] = []
+        batch_size = taken = 0
+        while True:
+            body = call.recv_arrived() if taken < ARRIVED_PER_TURN else None
+            if body is None:
+                if batch and not await hand_on(batch):
+                    return
+                batch, batch_size, taken = [], 0, 0
+                if (body := await call.recv_pieces()) is None:
+                    break
+            taken += 1
             try:
                 data, flag = decode_download_chunk(body)
             except ValueError as err:
@@ -236,11 +264,12 @@ async def _download(
                 source_is_dir = flag
                 # Headers come before the first message, so the hint is known now.
                 meter.total = size_hint(call.initial_metadata())
-            if data:
-                try:
-                    await send_chunks.send(data)
-                except trio.BrokenResourceError:
-                    return  # the writer failed; its error explains why
+            batch += data
+            batch_size += sum(map(len, data))
+            if batch_size >= WRITE_BATCH_BYTES:
+                if not await hand_on(batch):
+                    return
+                batch, batch_size, taken = [], 0, 0
         await call.finish()
         send_chunks.close()  # only after an OK status: see _upload.read
 
