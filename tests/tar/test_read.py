@@ -10,7 +10,13 @@ from pathlib import Path
 
 import trio
 
-from boxfiles._tar._read import ChunkStream, next_member, open_archive, write_member
+from boxfiles._tar._read import (
+    ChunkStream,
+    _checksum_matches,
+    next_member,
+    open_archive,
+    write_member,
+)
 
 from ..helpers import tarshapes
 from ..helpers.archives import archive, member
@@ -96,3 +102,20 @@ async def test_chunks_of_pieces_read_as_their_bytes(tmp_path: Path) -> None:
         nursery.start_soon(feed)
         got = await trio.to_thread.run_sync(read_all)
     assert got == {long: b"abc", "d": b"", "d/big": data, "d/empty": b""}
+
+
+def test_a_header_checksum_is_taken_unsigned_or_signed_as_tarfile_takes_it() -> None:
+    info = tarfile.TarInfo("caf\xe9")  # a byte over 127 in the name (PAX keeps it, ustar a "?")
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "latin-1", "strict"))
+    assert max(block) > 127
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+    for checksum, accepted in ((unsigned, True), (signed, True), (unsigned + 1, False)):
+        block[148:156] = b"%06o\0 " % checksum
+        assert _checksum_matches(bytes(block)) is accepted
+        try:
+            tarfile.TarInfo.frombuf(bytes(block), "latin-1", "strict")
+        except tarfile.InvalidHeaderError:
+            assert not accepted
+        else:
+            assert accepted

@@ -90,7 +90,7 @@ class _TooMany(Exception):
 @final
 class _Packer:
     """Writes a tree as tar to a ChunkSink, or (to a _Counter) measures the
-    archive it would write: the same headers, file data counted from fstat."""
+    archive it would write: the same headers, file sizes from the walk."""
 
     def __init__(self, sink: ChunkSink | _Counter) -> None:
         self._sink = sink
@@ -136,10 +136,16 @@ class _Packer:
         if info.type != tarfile.REGTYPE:
             self._header(info)
             return
-        if self._file(dir_fd, name, info):
+        if isinstance(self._sink, _Counter):
+            # A hint: the walk's stat is size enough, without opening the file.
+            self._header(info)
+            self._sink.size += st.st_size + padding(st.st_size)
+            self._links.packed(st, arcname)
+            return
+        if self._file(self._sink, dir_fd, name, info):
             self._links.packed(st, arcname)
 
-    def _file(self, dir_fd: int, name: str, info: tarfile.TarInfo) -> bool:
+    def _file(self, sink: ChunkSink, dir_fd: int, name: str, info: tarfile.TarInfo) -> bool:
         """Pack a regular file's header and data; False if it is no longer one."""
         # O_NONBLOCK: if a fifo took the file's place since the stat, the open
         # must not hang; the fstat below then skips it.
@@ -152,15 +158,12 @@ class _Packer:
                 return False
             info.size = st.st_size
             self._header(info)
-            if isinstance(self._sink, _Counter):
-                self._sink.size += st.st_size + padding(st.st_size)
-                return True
-            if self._sink.copy_from(fd, st.st_size) < st.st_size:
+            if sink.copy_from(fd, st.st_size) < st.st_size:
                 # Fail the download rather than pad it with zeros, as the
                 # client's copy_in fails an upload: the client then keeps
                 # nothing of it.
                 raise Internal(f"{info.name} shrank while being read", status=Status.ABORTED)
-            self._sink.write(END[: padding(st.st_size)])
+            sink.write(END[: padding(st.st_size)])
         finally:
             os.close(fd)
         return True

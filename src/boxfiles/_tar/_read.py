@@ -301,14 +301,7 @@ def _check_header(block: bytes, at: int) -> tuple[int, int] | None:
     Raises:
         CorruptArchive: a sparse member, or an extension header too large.
     """
-    if (
-        block.count(0) == _BLOCK
-        or _octal(block[148:156])
-        not in (
-            sum(block[:148]) + 256 + sum(block[156:]),  # the checksum field counts as spaces
-            sum(memoryview(block).cast("b")[:148]) + 256 + sum(memoryview(block).cast("b")[156:]),
-        )
-    ):
+    if block.count(0) == _BLOCK or not _checksum_matches(block):
         return None
     size = _octal(block[124:136])
     kind = block[156]
@@ -322,6 +315,18 @@ def _check_header(block: bytes, at: int) -> tuple[int, int] | None:
             f" (at most {MAX_ENTRY_HEADER_BYTES})"
         )
     return kind, size
+
+
+def _checksum_matches(block: bytes) -> bool:
+    """Whether the checksum field holds the block's sum, as tarfile takes
+    it: unsigned bytes, or (some old tars) signed; the field itself counts
+    as spaces."""
+    field = block[148:156]
+    checksum = _octal(field)
+    if checksum == sum(block) - sum(field) + 256:
+        return True
+    signed = memoryview(block).cast("b")
+    return checksum == sum(signed) - sum(signed[148:156]) + 256
 
 
 def _octal(field: bytes) -> int:
