@@ -495,6 +495,157 @@ def client_raw(op: str, target: str, file: str, src: str) -> None:
         report(total, time.monotonic() - started, rss)
 
 
+def client_h2(op: str, target: str, file: str) -> None:
+    """An upload written as HTTP/2 frames by hand, one ``sendmsg`` per
+    message and no gRPC or HTTP/2 library on the way: where the sink sets
+    the pace, a rate no Python sender beats by much (the sink's ceiling)."""
+    import hpack
+
+    if op != "upload":
+        raise SystemExit("the h2 client only uploads")
+    path = _unix_path(target)
+    assert path is not None
+    tag = UploadChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2
+    frames = _H2Frames()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        rss = Rss()
+        started = time.monotonic()
+        headers = hpack.Encoder().encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", UPLOAD_PATH),
+                (":authority", "localhost"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ]
+        )
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames.header(0, 4, 0, 0))  # SETTINGS
+        sock.sendall(frames.header(len(headers), 1, 4, 1) + headers)  # END_HEADERS
+        meta = first_chunk(b"").SerializeToString()
+        total = 0
+        with open(file, "rb", buffering=0) as f:
+            while got := f.readinto(buffer):
+                body = meta + bytes([tag]) + _varint(got)
+                meta = b""
+                pieces = [b"\0" + (len(body) + got).to_bytes(4, "big") + body, view[:got]]
+                frames.send_data(sock, pieces, len(pieces[0]) + got)
+                total += got
+        frames.send_data(sock, [], 0, end=True)
+        status = frames.read_until_trailers(sock, hpack.Decoder())
+        seconds = time.monotonic() - started
+    if status != "0":
+        raise SystemExit(f"the sink answered grpc-status {status}")
+    report(total, seconds, rss)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _H2Frames:
+    """Just enough HTTP/2 for one upload on stream 1: flow control,
+    SETTINGS and PING answered, the trailers' status read."""
+
+    def __init__(self) -> None:
+        self.window = self.stream_window = self.initial = 65_535
+        self.max_frame = 16_384
+        self.inbox = bytearray()
+        self.status: str | None = None
+
+    @staticmethod
+    def header(length: int, kind: int, flags: int, stream: int) -> bytes:
+        return length.to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+
+    def send_data(
+        self, sock: socket.socket, pieces: list[Any], size: int, end: bool = False
+    ) -> None:
+        views = [memoryview(p).cast("B") for p in pieces]
+        while True:
+            self._take(sock, wait=False)
+            while min(self.window, self.stream_window) <= 0 and size:
+                self._take(sock, wait=True)
+            n = min(size, self.window, self.stream_window, self.max_frame)
+            out: list[Any] = [self.header(n, 0, 1 if end and n == size else 0, 1)]
+            left = n
+            while left:
+                piece = views[0][:left]
+                out.append(piece)
+                left -= len(piece)
+                views[0] = views[0][len(piece) :]
+                if not views[0]:
+                    views.pop(0)
+            sent = sock.sendmsg(out)
+            if sent < sum(map(len, out)):
+                sock.sendall(b"".join(out)[sent:])
+            self.window -= n
+            self.stream_window -= n
+            size -= n
+            if not size:
+                return
+
+    def read_until_trailers(self, sock: socket.socket, decoder: Any) -> str | None:
+        while self.status is None:
+            self._take(sock, wait=True, decoder=decoder)
+        return self.status
+
+    def _take(self, sock: socket.socket, wait: bool, decoder: Any = None) -> None:
+        try:
+            data = sock.recv(1 << 16, 0 if wait else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not data:
+            raise SystemExit("the sink closed the connection")
+        self.inbox += data
+        replies = b""
+        while len(self.inbox) >= 9 and len(self.inbox) >= 9 + (
+            n := int.from_bytes(self.inbox[:3], "big")
+        ):
+            kind, flags, stream = (
+                self.inbox[3],
+                self.inbox[4],
+                int.from_bytes(self.inbox[5:9], "big"),
+            )
+            payload = bytes(self.inbox[9 : 9 + n])
+            del self.inbox[: 9 + n]
+            if kind == 4 and not flags & 1:  # SETTINGS: acknowledged
+                for i in range(0, n, 6):
+                    key, value = (
+                        int.from_bytes(payload[i : i + 2], "big"),
+                        int.from_bytes(payload[i + 2 : i + 6], "big"),
+                    )
+                    if key == 4:
+                        self.stream_window += value - self.initial
+                        self.initial = value
+                    elif key == 5:
+                        self.max_frame = value
+                replies += self.header(0, 4, 1, 0)
+            elif kind == 6 and not flags & 1:  # PING: answered
+                replies += self.header(8, 6, 1, 0) + payload
+            elif kind == 8:  # WINDOW_UPDATE
+                increment = int.from_bytes(payload, "big") & 0x7FFF_FFFF
+                if stream:
+                    self.stream_window += increment
+                else:
+                    self.window += increment
+            elif kind == 1 and stream == 1 and decoder is not None:
+                fields = dict(decoder.decode(payload))
+                if "grpc-status" in fields:
+                    self.status = fields["grpc-status"]
+            elif kind in (3, 7):  # RST_STREAM, GOAWAY
+                raise SystemExit(f"the sink ended the upload (frame type {kind})")
+        if replies:
+            sock.sendall(replies)
+
+
 # --- promptness and scale (boxfiles clients driving the grpclib servers above) ------
 
 
@@ -648,6 +799,8 @@ def main() -> None:
         client_boxfiles(args.op, args.target, args.file, args.src, args)
     elif args.kind == "raw":
         client_raw(args.op, args.target, args.file, args.src)
+    elif args.kind == "h2":
+        client_h2(args.op, args.target, args.file)
     elif args.kind == "prompt":
         client_prompt(args.op, args.target, args.trials)
     elif args.kind == "scale":

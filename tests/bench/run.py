@@ -373,7 +373,10 @@ def configs(copy: bool) -> list[Config]:
                 )
     # Small messages, where per-message overhead dominates: against the
     # receiver (upload) and the sender (download) that costs least per message.
-    for direction, rows in (("upload", up), ("download", down)):
+    # Uploads also get a sender with next to no cost of its own (HTTP/2
+    # frames written by hand): how fast the sink takes messages at all.
+    ceiling = Row("h2 by hand (sink ceiling)", "h2", "upload")
+    for direction, rows in (("upload", [*up, ceiling]), ("download", down)):
         role = "sink" if direction == "upload" else "source"
         arrow = "->" if direction == "upload" else "<-"
         out.append(
