@@ -241,9 +241,9 @@ async def _download(
         await call.send(request, end=True)
         first = True
         # Messages that have arrived whole are taken without a checkpoint,
-        # up to ARRIVED_PER_TURN, and their data handed on in batches of
-        # WRITE_BATCH_BYTES or what there is: small messages then cost the
-        # writer a wake-up (and a thread hop) per batch, not each.
+        # up to ARRIVED_PER_TURN, and their data handed on in batches of up
+        # to WRITE_BATCH_BYTES: small messages then cost the writer a
+        # wake-up (and a thread hop) per batch, not each.
         batch: list[memoryview] = []
         batch_size = taken = 0
         while True:
@@ -264,12 +264,15 @@ async def _download(
                 source_is_dir = flag
                 # Headers come before the first message, so the hint is known now.
                 meter.total = size_hint(call.initial_metadata())
-            batch += data
-            batch_size += sum(map(len, data))
-            if batch_size >= WRITE_BATCH_BYTES:
+            size = sum(map(len, data))
+            if batch and batch_size + size > WRITE_BATCH_BYTES:
+                # A batch stays within WRITE_BATCH_BYTES (or one message):
+                # what the channel holds is bounded as with one message each.
                 if not await hand_on(batch):
                     return
                 batch, batch_size, taken = [], 0, 0
+            batch += data
+            batch_size += size
         await call.finish()
         send_chunks.close()  # only after an OK status: see _upload.read
 
