@@ -99,6 +99,12 @@ def check_container_id(value: object) -> str:
 #: server that knows it in advance; only a progress total, never trusted.
 SIZE_HINT_KEY = "boxfiles-size"
 
+#: Request-metadata key of a Download the client resets after the first
+#: message (copy_in's probe of its destination): a server that would size
+#: the archive first (a walk of the whole tree) need not. Other peers
+#: ignore it.
+PEEK_KEY = "boxfiles-peek"
+
 #: Most digits a size hint may have (2**63 has 19): anything longer is garbage.
 _MAX_SIZE_HINT_DIGITS = 19
 

@@ -14,9 +14,11 @@ import grpc
 import pytest
 
 import boxfiles
+from boxfiles._aio import open_channel
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._server._pack import MEASURE_ENTRIES
-from boxfiles._wire import SIZE_HINT_KEY, size_hint
+from boxfiles._target import parse_target
+from boxfiles._wire import DOWNLOAD, SIZE_HINT_KEY, size_hint
 
 from ..helpers.grpcio_sink import start_grpcio_server
 
@@ -147,3 +149,22 @@ async def test_no_hint_for_a_tree_past_the_measuring_bound(
             "/many", tmp_path / "a.tar", progress=lambda d, t: reports.append((d, t))
         )
     assert reports[-1] == ((tmp_path / "a.tar").stat().st_size, None)
+
+
+@pytest.mark.parametrize("peek", [False, True])
+async def test_the_reference_server_sizes_no_archive_for_a_peek(
+    server: str, root: Path, peek: bool
+) -> None:
+    # copy_in's probe of its destination says it will read one message: the
+    # server then answers at once, without walking the tree to size it.
+    (root / "tree").mkdir()
+    (root / "tree" / "f").write_bytes(b"x" * 1000)
+    async with open_channel(parse_target(server)) as channel:
+        async with channel.open_call(DOWNLOAD, peek=peek) as call:
+            await call.send(DownloadRequest(src_path="/tree"), end=True)
+            assert await call.recv_pieces() is not None
+            hint = size_hint(call.initial_metadata())
+            while await call.recv_pieces() is not None:
+                pass
+            await call.finish()
+    assert (hint is None) is peek

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from .._errors import FilesError, IncompleteTransfer, RemoteError, Unavailable, remote_error
 from .._supervise import one_error
 from .._target import Target, UnixTarget
-from .._wire import Method
+from .._wire import PEEK_KEY, Method
 from . import _frames, _internals
 from ._edge import cardinality, run, run_now
 from ._frames import RECEIVE_FRAME_LIMIT, FinishedEarly
@@ -236,7 +236,8 @@ class Channel:
         ``grpc_timeout`` is sent to the peer as ``grpc-timeout``; enforcing
         it locally is the caller's job (a trio deadline). ``peek`` is for a
         call that reads a message or so and resets: its receive window stays
-        at PEEK_WINDOW instead of STREAM_WINDOW.
+        at PEEK_WINDOW instead of STREAM_WINDOW, and the request says so
+        (PEEK_KEY), so a server need not size a response nobody will read.
 
         On a clean exit the caller must already have read the final status
         (:meth:`ClientCall.finish`). On any exception, trio.Cancelled
@@ -248,6 +249,7 @@ class Channel:
             method.request_type,
             method.reply_type,
             timeout=grpc_timeout,
+            metadata={PEEK_KEY: "1"} if peek else None,
         )
         await run(self._loop, stream.__aenter__(), self._where)
         sent = False

@@ -46,6 +46,9 @@ class ServerCall(Protocol[RecvT_co, SendT_contra]):
     #: The client's address, ``host:port``, or ``"unix"``.
     peer: str
 
+    #: The client's request metadata (text values only).
+    metadata: Mapping[str, str]
+
     async def recv(self) -> RecvT_co | None:
         """The next message, or None once the client ended its side cleanly.
 
@@ -92,6 +95,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         self._request_type = request_type
         addr = stream.peer.addr() if stream.peer is not None else None
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+        self.metadata = {k: v for k, v in (stream.metadata or {}).items() if isinstance(v, str)}
 
     async def recv(self) -> RecvT | None:
         body = await self.recv_encoded()

@@ -43,6 +43,7 @@ from .._wire import (
     DOWNLOAD,
     DOWNLOAD_DATA_FIELD,
     MAX_PATH_BYTES,
+    PEEK_KEY,
     SIZE_HINT_KEY,
     UPLOAD,
     Chunk,
@@ -392,13 +393,15 @@ class FilesService:
                 raise _remote_from_os(err, request.src_path) from err
             try:
                 # The archive's size, sent ahead so a client can show progress
-                # as a share of it (a hint: real peers send none).
-                try:
-                    size = await transfer.run_sync(lambda: _pack.measure(plan))
-                except OSError as err:
-                    raise _remote_from_os(err, f"reading {request.src_path}") from err
-                if size is not None:
-                    await call.send_initial_metadata({SIZE_HINT_KEY: str(size)})
+                # as a share of it (a hint: real peers send none). Not for a
+                # peek, which only reads the first message.
+                if call.metadata.get(PEEK_KEY) != "1":
+                    try:
+                        size = await transfer.run_sync(lambda: _pack.measure(plan))
+                    except OSError as err:
+                        raise _remote_from_os(err, f"reading {request.src_path}") from err
+                    if size is not None:
+                        await call.send_initial_metadata({SIZE_HINT_KEY: str(size)})
                 await self._stream(call, root_fd, plan, transfer)
             finally:
                 plan.source.close()

@@ -145,6 +145,7 @@ class _FaultyCall:
         self._fault = fault
         self._record = record
         self.peer = call.peer
+        self.metadata = call.metadata
 
     def _due(self, after_chunks: int | None, after_bytes: int | None) -> bool:
         if after_chunks is not None:
