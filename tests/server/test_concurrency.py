@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import boxfiles
-from boxfiles._aio import RECEIVE_FRAME_LIMIT, open_channel
+from boxfiles._aio import SERVER_RECEIVE_FRAME_LIMIT, open_channel
 from boxfiles._proto.files_pb2 import UploadChunk
 from boxfiles._target import parse_target
 from boxfiles._wire import UPLOAD
@@ -193,10 +193,10 @@ async def test_malformed_upload_chunk(server: str, root: Path, later: bytes | No
 
 
 async def test_large_frame_read_together_with_the_settings_ack(server: str, root: Path) -> None:
-    # The server lets clients send frames of up to RECEIVE_FRAME_LIMIT. A client may
+    # The server lets clients send frames of up to SERVER_RECEIVE_FRAME_LIMIT. A client may
     # do so as soon as it has acknowledged that setting, so the ACK and such a
     # frame can reach the server in one read.
-    payload = os.urandom(RECEIVE_FRAME_LIMIT)
+    payload = os.urandom(SERVER_RECEIVE_FRAME_LIMIT)
     message = grpc_message(
         UploadChunk(dest_path="/big", data=archive(member("big", payload)), mkdir_parents=True)
     )
@@ -207,15 +207,15 @@ async def test_large_frame_read_together_with_the_settings_ack(server: str, root
         await stream.send_all(conn.data_to_send())
         with trio.fail_after(5):
             while (
-                conn.remote_settings.max_frame_size != RECEIVE_FRAME_LIMIT
+                conn.remote_settings.max_frame_size != SERVER_RECEIVE_FRAME_LIMIT
                 or conn.outbound_flow_control_window < len(message)
             ):
                 data = await stream.receive_some()
                 assert data, "the server closed before announcing its settings"
                 conn.receive_data(data)
-        # One write: the ACK, the HEADERS, and a DATA frame of RECEIVE_FRAME_LIMIT bytes.
-        sid = await client.start_upload(message[:RECEIVE_FRAME_LIMIT])
-        conn.send_data(sid, message[RECEIVE_FRAME_LIMIT:], end_stream=True)
+        # One write: the ACK, the HEADERS, and a DATA frame of SERVER_RECEIVE_FRAME_LIMIT bytes.
+        sid = await client.start_upload(message[:SERVER_RECEIVE_FRAME_LIMIT])
+        conn.send_data(sid, message[SERVER_RECEIVE_FRAME_LIMIT:], end_stream=True)
         await stream.send_all(conn.data_to_send())
         trailers: dict[bytes, bytes] = {}
         with trio.fail_after(5):

@@ -8,7 +8,7 @@ exception is mapped here onto the boxfiles hierarchy (the original kept as
 """
 
 from ._channel import PEEK_WINDOW, STREAM_WINDOW, Channel, ClientCall, open_channel
-from ._frames import FRAME_LIMIT, RECEIVE_FRAME_LIMIT
+from ._frames import FRAME_LIMIT, RECEIVE_FRAME_LIMIT, SERVER_RECEIVE_FRAME_LIMIT
 from ._loop import UNIX_SEND_BUFFER, TrioEventLoop, current_loop
 from ._serve import Handler, ServerCall, serve
 
@@ -16,6 +16,7 @@ __all__ = [
     "FRAME_LIMIT",
     "PEEK_WINDOW",
     "RECEIVE_FRAME_LIMIT",
+    "SERVER_RECEIVE_FRAME_LIMIT",
     "STREAM_WINDOW",
     "UNIX_SEND_BUFFER",
     "Channel",

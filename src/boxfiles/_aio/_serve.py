@@ -21,7 +21,7 @@ from .._supervise import one_error
 from .._wire import Method, framed
 from . import _frames, _internals
 from ._edge import cardinality, run, run_now
-from ._frames import RECEIVE_FRAME_LIMIT, MessageTooLarge
+from ._frames import SERVER_RECEIVE_FRAME_LIMIT, MessageTooLarge
 from ._listener import ConnectionLimits, Listener
 from ._loop import CLEANUP_TIMEOUT, TrioEventLoop, open_loop
 
@@ -204,7 +204,7 @@ def _is_idle(protocol: Any) -> bool:
 
 
 def _tune(protocol: Any) -> None:
-    _internals.announce_frame_size(protocol, RECEIVE_FRAME_LIMIT)
+    _internals.announce_frame_size(protocol, SERVER_RECEIVE_FRAME_LIMIT)
     _internals.receive_frames_as_views(protocol)
     _internals.goaway_on_protocol_errors(protocol)
 
