@@ -115,10 +115,19 @@ def test_malformed_download_chunks_are_refused(body: bytes) -> None:
     dest=st.text(max_size=300),
     container=st.text(max_size=20),
     flags=st.tuples(st.booleans(), st.booleans(), st.sampled_from([None, True, False])),
+    data_first=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=3400), max_size=6),
 )
 def test_upload_chunks_decode_like_protobuf(
-    data: bytes, dest: str, container: str, flags: tuple[bool, bool, bool | None]
+    data: bytes,
+    dest: str,
+    container: str,
+    flags: tuple[bool, bool, bool | None],
+    data_first: bool,
+    cuts: list[int],
 ) -> None:
+    """Held in any number of pieces, cut anywhere (inside the metadata's
+    fields too), with the data before or after the metadata."""
     mkdir_parents, overwrite, source_is_dir = flags
     message = first_upload_chunk(
         dest,
@@ -127,11 +136,11 @@ def test_upload_chunks_decode_like_protobuf(
         overwrite=overwrite,
         source_is_dir=source_is_dir,
     )
-    metadata = UploadChunk()
-    metadata.CopyFrom(message)
-    message.data = data
-    got, got_data = decode_upload_chunk(message.SerializeToString())
-    assert (got, bytes(got_data)) == (metadata, data)
+    parts = [message.SerializeToString(), UploadChunk(data=data).SerializeToString()]
+    body = b"".join(reversed(parts) if data_first else parts)
+    bounds = [0, *sorted(min(cut, len(body)) for cut in cuts), len(body)]
+    got, got_data = decode_upload_chunk([body[a:b] for a, b in itertools.pairwise(bounds)])
+    assert (got, b"".join(got_data)) == (message, data)
     assert got.HasField("source_is_dir") == (source_is_dir is not None)
 
 
@@ -142,8 +151,8 @@ def test_upload_chunk_fields_in_any_order_and_repeated() -> None:
         + UploadChunk(data=b"new").SerializeToString()
         + b"\x40\x01"  # field 8, unknown
     )
-    metadata, data = decode_upload_chunk(body)
-    assert bytes(data) == b"new"  # the last occurrence wins, as in protobuf
+    metadata, data = decode_upload_chunk([body[:7], body[7:]])
+    assert b"".join(data) == b"new"  # the last occurrence wins, as in protobuf
     assert (metadata.dest_path, metadata.overwrite, metadata.data) == ("/d", True, b"")
 
 
@@ -154,4 +163,4 @@ def test_upload_chunk_fields_in_any_order_and_repeated() -> None:
 )
 def test_malformed_upload_chunks_are_refused(body: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 -- each case has its own reason
-        decode_upload_chunk(body)
+        decode_upload_chunk([body])

@@ -329,24 +329,43 @@ class _Cursor:
             shift += 7
 
 
-def decode_upload_chunk(body: bytes) -> tuple[UploadChunk, memoryview]:
-    """``(metadata, data)`` of an encoded UploadChunk, without copying the
-    data: protobuf would copy it into the message, and every read of the
-    field copies it again. ``metadata`` is the message with no data.
+def decode_upload_chunk(
+    pieces: Sequence[bytes | memoryview],
+) -> tuple[UploadChunk, list[memoryview]]:
+    """``(metadata, data)`` of an encoded UploadChunk held in ``pieces``
+    (the frames it came in): the data as views of them, never copied or
+    joined (protobuf would copy it into the message, and every read of the
+    field copies it again). ``metadata`` is the message with no data.
 
     Raises:
         ValueError: the bytes are not a well-formed message.
     """
-    view = memoryview(body)
-    data = view[:0]
-    rest = []
-    for field, _, value, start, end in _Cursor([body]).fields():
+    data: list[memoryview] = []
+    spans = []
+    for field, _, value, start, end in _Cursor(pieces).fields():
         if field == UPLOAD_DATA_FIELD and isinstance(value, list):
-            data = value[0] if value else view[:0]  # the last occurrence wins
+            data = value  # the last occurrence wins, as in protobuf
         else:
-            rest.append(view[start:end])
+            spans.append((start, end))
     try:
-        metadata = UploadChunk.FromString(b"".join(rest))
+        metadata = UploadChunk.FromString(_joined(pieces, spans))
     except DecodeError as err:
         raise ValueError(str(err)) from err
     return metadata, data
+
+
+def _joined(pieces: Sequence[bytes | memoryview], spans: list[tuple[int, int]]) -> bytes:
+    """The bytes at ``spans`` (ascending offsets) of what ``pieces`` hold."""
+    out = bytearray()
+    offset = 0
+    spans_left = deque(spans)
+    for piece in pieces:
+        end_of_piece = offset + len(piece)
+        while spans_left and spans_left[0][0] < end_of_piece:
+            start, end = spans_left[0]
+            out += memoryview(piece)[max(start - offset, 0) : min(end, end_of_piece) - offset]
+            if end > end_of_piece:
+                break  # the span goes on in the next piece
+            spans_left.popleft()
+        offset = end_of_piece
+    return bytes(out)

@@ -237,19 +237,21 @@ async def recv_trailers(stream: grpclib.client.Stream[Any, Any]) -> None:
         await h2_stream.recv_trailers()
 
 
-async def recv_encoded_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes | None:
-    """grpclib's server recv_message without the decode: the next message's
-    bytes (joined: the server decodes them whole)."""
+async def recv_pieces_from_client(
+    stream: grpclib.server.Stream[Any, Any],
+) -> list[memoryview] | None:
+    """grpclib's server recv_message without the decode or a copy: the next
+    message as views of the frames it came in."""
     pieces = await _recv_body(_internals.h2_stream_of(stream))
     if pieces is None:
         return None
     _internals.count_received_request(stream)
-    return b"".join(pieces)
+    return pieces
 
 
-def recv_buffered_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes | None:
-    """recv_encoded_from_client without waiting, as recv_buffered: the
-    message's bytes, or None if recv_encoded_from_client would wait or raise."""
+def recv_buffered_from_client(stream: grpclib.server.Stream[Any, Any]) -> list[memoryview] | None:
+    """recv_pieces_from_client without waiting, as recv_buffered: the
+    message's views, or None if recv_pieces_from_client would wait or raise."""
     h2_stream = _internals.h2_stream_of(stream)
     if _internals.stream_failed(h2_stream):
         return None
@@ -257,7 +259,7 @@ def recv_buffered_from_client(stream: grpclib.server.Stream[Any, Any]) -> bytes 
     if pieces is None:
         return None
     _internals.count_received_request(stream)
-    return b"".join(pieces)
+    return pieces
 
 
 def awaiting_data_from_client(stream: grpclib.server.Stream[Any, Any]) -> bool:

@@ -58,7 +58,13 @@ class ServerCall(Protocol[RecvT_co, SendT_contra]):
 
     async def recv_encoded(self) -> bytes | None:
         """The next message's encoded bytes, as :meth:`recv` but for the
-        caller to decode (without copying its payload)."""
+        caller to decode."""
+        ...
+
+    async def recv_pieces(self) -> list[memoryview] | None:
+        """The next message's encoded bytes as views of the frames they came
+        in, as :meth:`recv_encoded` but never joined (for the caller to
+        decode without copying its payload)."""
         ...
 
     async def send(self, message: SendT_contra, /) -> None: ...
@@ -109,14 +115,18 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         return message
 
     async def recv_encoded(self) -> bytes | None:
+        pieces = await self.recv_pieces()
+        return None if pieces is None else b"".join(pieces)
+
+    async def recv_pieces(self) -> list[memoryview] | None:
         await trio.lowlevel.checkpoint_if_cancelled()
         # Without an asyncio task while the message is only waiting for its
         # data: tried again whenever something arrives for the stream.
-        while (body := self._now(_frames.recv_buffered_from_client)) is None:
+        while (pieces := self._now(_frames.recv_buffered_from_client)) is None:
             if not self._now(_frames.awaiting_data_from_client):
                 try:
                     return await run(
-                        self._loop, _frames.recv_encoded_from_client(self._stream), _FROM_CLIENT
+                        self._loop, _frames.recv_pieces_from_client(self._stream), _FROM_CLIENT
                     )
                 except FilesError as exc:
                     if isinstance(exc.__cause__, MessageTooLarge):
@@ -124,7 +134,7 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
                     raise
             await _internals.data_arrival(_internals.h2_stream_of(self._stream))
         await trio.lowlevel.cancel_shielded_checkpoint()
-        return body
+        return pieces
 
     def _now(self, fn: Callable[[grpclib.server.Stream[RecvT, SendT]], T]) -> T:
         return run_now(partial(fn, self._stream), _FROM_CLIENT)

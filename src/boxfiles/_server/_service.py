@@ -92,9 +92,9 @@ def _check_path(path: str) -> None:
         check_name(part, f"path {path}")
 
 
-def _decode(body: bytes) -> tuple[UploadChunk, memoryview]:
+def _decode(pieces: list[memoryview]) -> tuple[UploadChunk, list[memoryview]]:
     try:
-        return decode_upload_chunk(body)
+        return decode_upload_chunk(pieces)
     except ValueError as err:
         raise InvalidArgument(f"malformed UploadChunk: {err}") from err
 
@@ -254,7 +254,7 @@ class FilesService:
     async def _upload(
         self, call: ServerCall[UploadChunk, UploadResponse], transfer: _Transfer
     ) -> None:
-        body = await transfer.from_client(call.recv_encoded(), "the client sent nothing")
+        body = await transfer.from_client(call.recv_pieces(), "the client sent nothing")
         if body is None:
             raise InvalidArgument("empty upload stream")
         first, data = _decode(body)
@@ -307,30 +307,32 @@ class FilesService:
         self,
         call: ServerCall[UploadChunk, UploadResponse],
         first: UploadChunk,
-        first_data: memoryview,
+        first_data: list[memoryview],
         staging: Staging,
         transfer: _Transfer,
     ) -> Staged:
-        send_data, receive_data = trio.open_memory_channel[tuple[memoryview]](CHANNEL_CAPACITY)
+        # A message's data as the views of the frames it came in: extracted
+        # from them, never joined.
+        send_data, receive_data = trio.open_memory_channel[list[memoryview]](CHANNEL_CAPACITY)
         cap = self._max_upload_bytes
         staged: Staged | None = None
 
         async def pump() -> None:
             async with send_data:
-                data: memoryview | None = first_data
+                data: list[memoryview] | None = first_data
                 while data is not None:
                     if data:
-                        transfer.bytes += len(data)
+                        transfer.bytes += sum(map(len, data))
                         if cap is not None and transfer.bytes > cap:
                             raise ResourceExhausted(
                                 f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
                             )
                         try:
-                            await send_data.send((data,))
+                            await send_data.send(data)
                         except trio.BrokenResourceError:
                             return  # the extractor failed; its error explains why
                     body = await transfer.from_client(
-                        call.recv_encoded(), "the client sent no more data"
+                        call.recv_pieces(), "the client sent no more data"
                     )
                     data = None if body is None else _decode(body)[1]
 

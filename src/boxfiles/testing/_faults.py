@@ -178,20 +178,26 @@ class _FaultyCall:
         return message
 
     async def recv_encoded(self) -> bytes | None:
+        pieces = await self.recv_pieces()
+        return None if pieces is None else b"".join(pieces)
+
+    async def recv_pieces(self) -> list[memoryview] | None:
         record = self._record
         if record.method == "upload":
             await self._strike()
-        body = await self._call.recv_encoded()
-        if body is None:
+        pieces = await self._call.recv_pieces()
+        if pieces is None:
             record.client_ended = True
         elif record.method == "upload":
             try:
-                self._received(*decode_upload_chunk(body))
+                metadata, data = decode_upload_chunk(pieces)
             except ValueError:
                 pass  # malformed: the service refuses it, with its own status
-        return body
+            else:
+                self._received(metadata, b"".join(data))
+        return pieces
 
-    def _received(self, metadata: UploadChunk, data: bytes | memoryview) -> None:
+    def _received(self, metadata: UploadChunk, data: bytes) -> None:
         record = self._record
         if record.data is not None:
             record.data += data
