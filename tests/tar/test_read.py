@@ -182,3 +182,37 @@ def test_a_plain_header_is_read_without_tarfile(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(tarfile.TarInfo, "frombuf", classmethod(refuse))
     assert _header_outcome(_TarInfo, block) == expected
+
+
+async def test_data_in_more_pieces_than_one_writev_takes(tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    whole = archive(member("f", data))
+    start = whole.index(data)
+    chunk = [
+        memoryview(whole)[:start],
+        *(memoryview(whole)[i : i + 1] for i in range(start, start + len(data))),
+        memoryview(whole)[start + len(data) :],
+    ]
+    send, receive = trio.open_memory_channel[list[memoryview]](1)
+    stream = ChunkStream(receive)
+    path = tmp_path / "f"
+
+    def read_all() -> None:
+        tar = open_archive(stream)
+        info = next_member(tar)
+        assert info is not None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            write_member(info, stream, fd)
+        finally:
+            os.close(fd)
+        assert next_member(tar) is None
+
+    async def feed() -> None:
+        async with send:
+            await send.send(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        await trio.to_thread.run_sync(read_all)
+    assert path.read_bytes() == data

@@ -244,7 +244,7 @@ def _object_write_fn(writer: AsyncWriter) -> _WriteFn:
 
 #: Most buffers one writev takes (Linux's IOV_MAX); a batch may hold more
 #: pieces (a message arrives in as many frames as its peer chose).
-_IOV_MAX = 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 def _file_write_fn(fd: int, name: str) -> _WriteFn:

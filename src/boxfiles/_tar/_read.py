@@ -36,6 +36,9 @@ MAX_GLOBAL_HEADER_BYTES = 1024 * 1024
 MAX_PAX_DIGIT_RUN = 256
 
 _BLOCK = tarfile.BLOCKSIZE
+
+#: Most buffers one writev takes (IOV_MAX; 1024 on Linux).
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: Header types whose body is more header: PAX (x, Solaris X, global g) and
 #: GNU long name/link (L, K).
 _EXTENSION_TYPES = frozenset(b"xXgLK")
@@ -238,20 +241,35 @@ class ChunkStream:
         """
         left = size
         while left:
-            got = self._available()
-            if not got:
+            if not self._available():
                 raise tarfile.ReadError("unexpected end of data")
-            take = min(left, got)
-            self._write_piece(fd, take)
-            left -= take
+            left -= self._write_pieces(fd, left)
 
-    def _write_piece(self, fd: int, count: int) -> None:
+    def _write_pieces(self, fd: int, limit: int) -> int:
+        """Write up to ``limit`` bytes of the chunk at hand, from where the
+        stream is, in one ``writev`` (a message's data comes in as many
+        pieces as the frames it came in); the bytes written."""
         # A function of its own: its views are gone when it returns, so the
         # chunk is released in the trio thread by the next refill, not here.
-        view = memoryview(self._chunk)[self._start : self._start + count]
-        while view:
-            view = view[os.write(fd, view) :]
-        self._advance(count)
+        views = [memoryview(self._chunk)[self._start : self._start + limit]]
+        size = len(views[0])
+        for piece in self._pieces[self._next : self._next + _IOV_MAX - 1]:
+            if size >= limit:
+                break
+            views.append(memoryview(piece)[: limit - size])
+            size += len(views[-1])
+        written = os.writev(fd, views)
+        self.taken += written
+        left = written
+        while True:
+            step = min(left, len(self._chunk) - self._start)
+            self._start += step
+            left -= step
+            if not left:
+                return written
+            # The piece at hand is used up: the rest was in the next ones.
+            self._chunk, self._start = self._pieces[self._next], 0
+            self._next += 1
 
 
 def open_archive(stream: ChunkStream) -> tarfile.TarFile:
