@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -468,13 +469,19 @@ def _tree_bytes(path: str) -> int:
     )
 
 
-def client_raw(op: str, target: str, file: str, src: str) -> None:
+@contextmanager
+def _unix_connection(target: str) -> Iterator[socket.socket]:
     path = _unix_path(target)
     assert path is not None
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
+        yield sock
+
+
+def client_raw(op: str, target: str, file: str, src: str) -> None:
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with _unix_connection(target) as sock:
         rss = Rss()
         started = time.monotonic()
         total = 0
@@ -503,14 +510,12 @@ def client_h2(op: str, target: str, file: str) -> None:
 
     if op != "upload":
         raise SystemExit("the h2 client only uploads")
-    path = _unix_path(target)
-    assert path is not None
-    tag = UploadChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2
+    # A data field's key and length, as protobuf encodes them, per size.
+    heads: dict[int, bytes] = {}
     frames = _H2Frames()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
+    with _unix_connection(target) as sock:
         rss = Rss()
         started = time.monotonic()
         headers = hpack.Encoder().encode(
@@ -529,7 +534,9 @@ def client_h2(op: str, target: str, file: str) -> None:
         total = 0
         with open(file, "rb", buffering=0) as f:
             while got := f.readinto(buffer):
-                body = meta + bytes([tag]) + _varint(got)
+                if got not in heads:
+                    heads[got] = UploadChunk(data=bytes(got)).SerializeToString()[:-got]
+                body = meta + heads[got]
                 meta = b""
                 pieces = [b"\0" + (len(body) + got).to_bytes(4, "big") + body, view[:got]]
                 frames.send_data(sock, pieces, len(pieces[0]) + got)
@@ -540,15 +547,6 @@ def client_h2(op: str, target: str, file: str) -> None:
     if status != "0":
         raise SystemExit(f"the sink answered grpc-status {status}")
     report(total, seconds, rss)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class _H2Frames:
