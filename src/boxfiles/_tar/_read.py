@@ -62,8 +62,8 @@ class TruncatedArchive(tarfile.ReadError):
 class ChunkStream:
     """A forward-only, blocking byte stream over a trio channel of chunks.
 
-    Used from a worker thread. A chunk is a sequence of pieces (a download's
-    message as the frames it came in, never joined). Each chunk is received,
+    Used from a worker thread. A chunk is a sequence of pieces (a message
+    as the frames it came in, never joined). Each chunk is received,
     and the one before it released, in the trio thread that allocated it
     (glibc then reuses that memory for the next chunk rather than faulting
     in fresh pages). A receive
@@ -299,7 +299,7 @@ class _TarInfo(tarfile.TarInfo):
     TarFile calls through its ``tarinfo`` class) for the headers every
     archive is made of: a regular file, directory, symlink or hard link in
     octal numbers, and a PAX header. Those it reads as tarfile does, into
-    the same object in a third of the time (``tests/tar/test_read.py``
+    the same object in half the time (``tests/tar/test_read.py``
     compares the two on mutated headers); anything else, or anything
     tarfile would refuse, is tarfile's own to read or refuse."""
 

@@ -33,7 +33,7 @@ def header(info: tarfile.TarInfo) -> bytes:
     """``info`` as header blocks (PAX extended header first when needed):
     exactly the bytes of ``info.tobuf(tarfile.PAX_FORMAT, "utf-8",
     "surrogateescape")``, built here for the entries both sides pack
-    (ASCII names), at a fifth of tarfile's cost: with small files, headers
+    (ASCII names), at a quarter of tarfile's cost: with small files, headers
     are most of what packing costs. Anything else is tarfile's to build."""
     built = _ascii_header(info)
     return built if built is not None else info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
