@@ -167,8 +167,11 @@ def test_headers_are_read_as_tarfile_reads_them(
             block[148:156] = b"%06o\0 " % (sum(block[:148]) + 256 + sum(block[156:]))
         expected = _header_outcome(tarfile.TarInfo, bytes(block))
         assert _header_outcome(_TarInfo, bytes(block)) == expected
-    assert _header_outcome(_TarInfo, b"") == _header_outcome(tarfile.TarInfo, b"")
-    assert _header_outcome(_TarInfo, bytes(512)) == _header_outcome(tarfile.TarInfo, bytes(512))
+
+
+def test_no_header_and_the_end_marker_are_refused_as_tarfile_refuses_them() -> None:
+    for block in (b"", bytes(100), bytes(tarfile.BLOCKSIZE)):
+        assert _header_outcome(_TarInfo, block) == _header_outcome(tarfile.TarInfo, block)
 
 
 def test_a_plain_header_is_read_without_tarfile(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -316,8 +316,8 @@ class _TarInfo(tarfile.TarInfo):
             )
         except ValueError:  # base-256 numbers, or none: tarfile's to read or refuse
             return super().frombuf(buf, encoding, errors)
-        if checksum != sum(buf) - sum(buf[148:156]) + 256:
-            return super().frombuf(buf, encoding, errors)  # signed, or bad
+        if not _checksum_matches(bytes(buf)):
+            return super().frombuf(buf, encoding, errors)  # tarfile's to refuse
         obj = cls()
         obj.name = buf[0:100].split(b"\0", 1)[0].decode(encoding, errors)
         obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
