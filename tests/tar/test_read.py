@@ -7,6 +7,7 @@ import os
 import random
 import tarfile
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boxfiles._tar._read import (
+    REFILL_CHUNKS,
     ChunkStream,
     _checksum_matches,
     _TarInfo,
@@ -219,3 +221,49 @@ async def test_data_in_more_pieces_than_one_writev_takes(tmp_path: Path) -> None
         nursery.start_soon(feed)
         await trio.to_thread.run_sync(read_all)
     assert path.read_bytes() == data
+
+
+async def test_chunks_queued_behind_are_taken_in_the_same_hop(tmp_path: Path) -> None:
+    """A hop to the trio thread takes the chunk waited for and up to
+    REFILL_CHUNKS - 1 more already queued: never more, so the reading
+    thread holds at most REFILL_CHUNKS chunks."""
+    data = os.urandom(40_000)
+    whole = archive(member("f", data))
+    chunks = [(memoryview(whole)[at : at + 4096],) for at in range(0, len(whole), 4096)]
+    send, receive = trio.open_memory_channel[tuple[memoryview]](len(chunks))
+    for chunk in chunks:
+        send.send_nowait(chunk)
+    send.close()
+    per_hop: list[int] = []
+
+    class Counting:
+        async def receive(self) -> tuple[memoryview]:
+            got = await receive.receive()
+            per_hop.append(1)
+            return got
+
+        def receive_nowait(self) -> tuple[memoryview]:
+            got = receive.receive_nowait()
+            per_hop[-1] += 1
+            return got
+
+    stream = ChunkStream(cast(Any, Counting()))
+    path = tmp_path / "f"
+
+    def read_all() -> None:
+        tar = open_archive(stream)
+        info = next_member(tar)
+        assert info is not None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            write_member(info, stream, fd)
+        finally:
+            os.close(fd)
+        assert next_member(tar) is None
+
+    await trio.to_thread.run_sync(read_all)
+    assert path.read_bytes() == data
+    assert len(chunks) > 2 * REFILL_CHUNKS
+    assert per_hop[0] == REFILL_CHUNKS  # all were queued: as many as allowed
+    assert max(per_hop) == REFILL_CHUNKS
+    assert sum(per_hop) <= len(chunks)
