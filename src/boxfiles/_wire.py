@@ -155,9 +155,10 @@ def first_upload_chunk(
 #: most 4 bytes below MAX_CHUNK_SIZE).
 HEADER_ROOM = 16
 
-#: The ``data`` fields' numbers, from the generated module (never by hand).
+#: Field numbers read by hand, from the generated module (never written out).
 UPLOAD_DATA_FIELD = UploadChunk.DESCRIPTOR.fields_by_name["data"].number
 DOWNLOAD_DATA_FIELD = DownloadChunk.DESCRIPTOR.fields_by_name["data"].number
+_SOURCE_IS_DIR_FIELD = DownloadChunk.DESCRIPTOR.fields_by_name["source_is_dir"].number
 
 
 def _varint(value: int) -> bytes:
@@ -259,7 +260,7 @@ def decode_download_chunk(
     for field, wire_type, value, _, _ in _Cursor(pieces).fields():
         if field == DOWNLOAD_DATA_FIELD and isinstance(value, list):
             data = value  # the last occurrence wins, as in protobuf
-        elif field == 2 and wire_type == 0:
+        elif field == _SOURCE_IS_DIR_FIELD and wire_type == 0:
             source_is_dir = value != 0
     return data, source_is_dir
 
@@ -347,6 +348,8 @@ def decode_upload_chunk(
             data = value  # the last occurrence wins, as in protobuf
         else:
             spans.append((start, end))
+    if not spans:  # data only, as every message after the first
+        return UploadChunk(), data
     try:
         metadata = UploadChunk.FromString(_joined(pieces, spans))
     except DecodeError as err:
