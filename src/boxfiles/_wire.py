@@ -7,6 +7,7 @@ never spelled by hand).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,16 @@ MAX_CHUNK_SIZE = 4 * MiB - 64 * 1024
 #: the writer). With one chunk in each task's hands, peak memory is about
 #: ``chunk_size * (CHANNEL_CAPACITY + a small constant)``.
 CHANNEL_CAPACITY = 4
+
+#: Messages that have arrived whole that a receiver (a download's client,
+#: an upload's server) takes in a row without a checkpoint (the rest of a
+#: turn's worth of received data waits for the next): bounds the time
+#: between checkpoints whatever the messages' size.
+ARRIVED_PER_TURN = 64
+
+#: Most buffers one system call takes (IOV_MAX: writev, sendmsg): pieces of
+#: messages are written as they are, and may be more.
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 #: Largest gRPC message either side accepts (gRPC's own default). A message
 #: declaring more is refused on its 5-byte prefix, before its body is read,

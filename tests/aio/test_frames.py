@@ -21,7 +21,7 @@ import pytest
 
 import boxfiles
 from boxfiles._aio import FRAME_LIMIT, RECEIVE_FRAME_LIMIT, UNIX_SEND_BUFFER
-from boxfiles._aio._frames import WRITE_BATCH_BYTES
+from boxfiles._aio._frames import SEND_BATCH_BYTES
 from boxfiles._aio._internals import (
     COALESCE_BELOW,
     MAX_HEADER_BLOCK_BYTES,
@@ -331,7 +331,7 @@ async def test_an_upload_of_small_chunks_writes_several_per_system_call(
     server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each write is a system call and a wakeup of the peer: queued chunks go
-    # out together, frames batched up to WRITE_BATCH_BYTES per write.
+    # out together, frames batched up to SEND_BATCH_BYTES per write.
     writes: list[int] = []
     real = SocketTransport.writelines
 
@@ -350,7 +350,7 @@ async def test_an_upload_of_small_chunks_writes_several_per_system_call(
     print(f"{chunks + 1} chunks in {len(data_writes)} writes: {data_writes}")
     assert sum(writes) > chunk * chunks
     assert len(data_writes) <= chunks * 3 // 4  # one each, before
-    assert max(data_writes) <= WRITE_BATCH_BYTES + FRAME_LIMIT
+    assert max(data_writes) <= SEND_BATCH_BYTES + FRAME_LIMIT
 
 
 def grpc_frame(body: bytes) -> bytes:

@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 
 from boxfiles._aio._loop import _BATCH, MAX_UNSENT, open_loop
+from boxfiles._wire import IOV_MAX
 
 
 async def test_timers_run_in_order_and_cancelled_ones_do_not_pile_up() -> None:
@@ -125,3 +126,27 @@ async def test_a_peer_that_reads_nothing_is_dropped_past_the_unsent_bound() -> N
             assert transport.get_write_buffer_size() == 0
             assert isinstance(lost[0], ConnectionError)
             assert str(MAX_UNSENT) in str(lost[0])
+
+
+async def test_more_pieces_than_one_system_call_takes_are_all_written() -> None:
+    lost: list[BaseException | None] = []
+
+    class Protocol(asyncio.Protocol):
+        def connection_lost(self, exc: BaseException | None) -> None:
+            lost.append(exc)
+
+    pieces = [bytes([i % 251]) * 3 for i in range(3 * IOV_MAX)]
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    with theirs:
+        async with open_loop() as loop:
+            transport, _ = loop._connect(ours, Protocol)
+            transport.writelines(pieces)
+            got = bytearray()
+            with trio.fail_after(5):
+                while len(got) < 9 * IOV_MAX:
+                    await trio.lowlevel.wait_readable(theirs)
+                    got += theirs.recv(65536)
+            assert not lost
+            transport.close()
+    assert bytes(got) == b"".join(pieces)

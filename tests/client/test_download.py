@@ -12,9 +12,8 @@ import trio
 import boxfiles
 from boxfiles._aio import ServerCall
 from boxfiles._client._local import WRITE_BATCH_BYTES
-from boxfiles._client._transfer import ARRIVED_PER_TURN
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
-from boxfiles._wire import CHANNEL_CAPACITY
+from boxfiles._wire import ARRIVED_PER_TURN, CHANNEL_CAPACITY
 
 from ..helpers.archives import contents
 from ..helpers.checks import Leaks, assert_no_asyncio_tasks

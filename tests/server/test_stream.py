@@ -6,19 +6,22 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import pytest
 import trio
 
 from boxfiles._aio import open_channel
 from boxfiles._chunks import POOL_SIZE, BufferPool, ChunkSink, TransferBuffers
 from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from boxfiles._target import UnixTarget
-from boxfiles._wire import DOWNLOAD, Chunk
+from boxfiles._wire import ARRIVED_PER_TURN, DOWNLOAD, UPLOAD, Chunk
 
-from ..helpers.archives import files
+from ..helpers.archives import archive, files, member
 
 MiB = 1024 * 1024
 
@@ -135,3 +138,98 @@ async def test_the_packer_reads_file_data_straight_into_the_chunks(tmp_path: Pat
     assert sizes == 2 * [chunk, chunk, chunk, len(header) + 100]
     assert digest.digest() == hashlib.sha256(2 * (header + content)).digest()
     assert peak < chunk // 8  # nothing the size of a chunk
+
+
+def _upload_messages(dest: str, data: bytes, size: int) -> list[bytes]:
+    """An upload of ``data`` as one file, in encoded messages of ``size``
+    bytes of archive each (the first carrying the metadata)."""
+    whole = archive(member("f", data))
+    messages = [
+        UploadChunk(data=whole[at : at + size]).SerializeToString()
+        for at in range(0, len(whole), size)
+    ]
+    messages[0] = UploadChunk(dest_path=dest, data=whole[:size]).SerializeToString()
+    return [b"\0" + len(body).to_bytes(4, "big") + body for body in messages]
+
+
+class _HeldWrites:
+    """os.writev, counted, with the first call held until ``release``: the
+    extraction thread stands still while the client's messages arrive."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._gate = threading.Event()
+        writev = os.writev
+
+        def held(fd: int, buffers: Sequence[bytes | memoryview], /) -> int:
+            self.calls += 1
+            self._gate.wait(timeout=30)
+            return writev(fd, buffers)
+
+        monkeypatch.setattr(os, "writev", held)
+
+    def release(self) -> None:
+        self._gate.set()
+
+
+async def test_small_messages_that_have_arrived_are_extracted_in_batches(
+    server: str, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(MiB)
+    messages = _upload_messages("/small.bin", data, 4096)
+    writes = _HeldWrites(monkeypatch)
+    async with open_channel(UnixTarget(server.removeprefix("unix:"))) as channel:
+        async with channel.open_call(UPLOAD) as call:
+            # All of it fits in the stream's window: it arrives while the
+            # extraction thread is held at its first write.
+            await call.send_encoded(*messages)
+            await call.end()
+            await trio.sleep(0.2)
+            writes.release()
+            assert await call.recv() == UploadResponse(success=True)
+            await call.finish()
+    assert (root / "small.bin").read_bytes() == data
+    # A channel item per message would take a write per REFILL_CHUNKS
+    # messages: over 60.
+    assert len(messages) > 250
+    assert writes.calls <= 12, writes.calls
+
+
+async def test_a_backlog_of_arrived_messages_is_taken_with_a_checkpoint_every_few(
+    server: str, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Messages with no data are never handed on: with thousands of them at
+    # hand, the server's receiving task must still yield every
+    # ARRIVED_PER_TURN.
+    backlog = 2000
+    first, *rest = _upload_messages("/backlog.bin", b"x" * 100, 1024)
+    empty = b"\0\0\0\0\0"
+    arrived = trio.Event()
+
+    class PumpSteps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if arrived.is_set() and task.name.endswith("_receive.<locals>.pump"):
+                self.steps += 1
+
+    counter = PumpSteps()
+    writes = _HeldWrites(monkeypatch)
+    writes.release()
+    async with open_channel(UnixTarget(server.removeprefix("unix:"))) as channel:
+        async with channel.open_call(UPLOAD) as call:
+            await call.send_encoded(first)
+            await trio.sleep(0.2)  # the server waits for the next message
+            trio.lowlevel.add_instrument(counter)
+            try:
+                arrived.set()
+                # One piece, so in one frame: all of it arrives in one read.
+                await call.send_encoded(b"".join([empty] * backlog + rest))
+                await call.end()
+                assert await call.recv() == UploadResponse(success=True)
+                await call.finish()
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+    assert (root / "backlog.bin").read_bytes() == b"x" * 100
+    assert counter.steps >= backlog // ARRIVED_PER_TURN, counter.steps

@@ -35,7 +35,7 @@ FRAME_LIMIT = 120 * 1024
 #: finish a frame): small messages' frames share a system call and a wakeup
 #: of the peer (two of 64 KiB), while a full-sized frame still goes alone:
 #: larger writes cost the client more over TCP loopback (measured).
-WRITE_BATCH_BYTES = FRAME_LIMIT
+SEND_BATCH_BYTES = FRAME_LIMIT
 
 #: Largest frame a client accepts (SETTINGS_MAX_FRAME_SIZE, announced to
 #: servers). A large DATA frame is taken in parts as its bytes arrive, never
@@ -141,7 +141,7 @@ def send_now(
 def _write_frames(h2_stream: grpclib.protocol.Stream, views: list[memoryview]) -> None:
     """Write frames from the front of ``views`` (taking what goes) while the
     stream's window lasts and the transport takes more, until the peer
-    finished early. Frames go to the transport WRITE_BATCH_BYTES at a time:
+    finished early. Frames go to the transport SEND_BATCH_BYTES at a time:
     each write is a system call and a wakeup of the peer."""
     connection = h2_stream.connection
     h2_connection, transport = _internals.h2_parts(h2_stream)
@@ -168,7 +168,7 @@ def _write_frames(h2_stream: grpclib.protocol.Stream, views: list[memoryview]) -
                 views[0] = view[size:]
             else:
                 del views[0]
-            if batched >= WRITE_BATCH_BYTES:
+            if batched >= SEND_BATCH_BYTES:
                 transport.writelines(batch)
                 batch, batched = [], 0
     finally:

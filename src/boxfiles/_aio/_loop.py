@@ -35,6 +35,7 @@ from typing import Any, TypeVar, final
 
 import trio
 
+from .._wire import IOV_MAX
 from ._internals import running_loop
 
 log = logging.getLogger("boxfiles")
@@ -600,7 +601,7 @@ class SocketTransport(asyncio.Transport):
             return  # asyncio drops these too; the connection's loss tells why
         if not self._buffer:
             try:
-                sent = self._sock.sendmsg(pieces)
+                sent = self._sock.sendmsg(pieces[:IOV_MAX])  # more fail the call
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:

@@ -67,6 +67,13 @@ class ServerCall(Protocol[RecvT_co, SendT_contra]):
         decode without copying its payload)."""
         ...
 
+    def recv_arrived(self) -> list[memoryview] | None:
+        """The next message as :meth:`recv_pieces` gives it, if it has
+        arrived whole; None otherwise (then ``recv_pieces`` waits for it or
+        tells why there is none). Not a checkpoint: a caller that loops on
+        it must reach one in bounded time of its own."""
+        ...
+
     async def send(self, message: SendT_contra, /) -> None: ...
 
     async def send_framed(self, pieces: Sequence[bytes | memoryview], /) -> None:
@@ -118,11 +125,14 @@ class _GrpclibServerCall(Generic[RecvT, SendT]):
         pieces = await self.recv_pieces()
         return None if pieces is None else b"".join(pieces)
 
+    def recv_arrived(self) -> list[memoryview] | None:
+        return self._now(_frames.recv_buffered_from_client)
+
     async def recv_pieces(self) -> list[memoryview] | None:
         await trio.lowlevel.checkpoint_if_cancelled()
         # Without an asyncio task while the message is only waiting for its
         # data: tried again whenever something arrives for the stream.
-        while (pieces := self._now(_frames.recv_buffered_from_client)) is None:
+        while (pieces := self.recv_arrived()) is None:
             if not self._now(_frames.awaiting_data_from_client):
                 try:
                     return await run(

@@ -22,7 +22,7 @@ import trio
 
 from .._chunks import BufferPool, TransferBuffers
 from .._errors import FilesError, LocalIOError
-from .._wire import DEFAULT_CHUNK_SIZE, HEADER_ROOM, Chunk
+from .._wire import DEFAULT_CHUNK_SIZE, HEADER_ROOM, IOV_MAX, Chunk
 
 
 @runtime_checkable
@@ -242,16 +242,11 @@ def _object_write_fn(writer: AsyncWriter) -> _WriteFn:
     return write
 
 
-#: Most buffers one writev takes (Linux's IOV_MAX); a batch may hold more
-#: pieces (a message arrives in as many frames as its peer chose).
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
-
-
 def _file_write_fn(fd: int, name: str) -> _WriteFn:
     def write_all(pieces: Sequence[bytes | memoryview]) -> None:
         views = [memoryview(data) for data in pieces]
         while views:
-            written = os.writev(fd, views[:_IOV_MAX])
+            written = os.writev(fd, views[:IOV_MAX])
             while views and written >= len(views[0]):
                 written -= len(views.pop(0))
             if views:

@@ -22,6 +22,7 @@ from .._errors import DeadlineExceeded, IncompleteTransfer, NotFound, RemoteErro
 from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, UploadResponse
 from .._supervise import supervise
 from .._wire import (
+    ARRIVED_PER_TURN,
     CHANNEL_CAPACITY,
     DOWNLOAD,
     UPLOAD,
@@ -41,11 +42,6 @@ from ._local import (
     open_destination,
 )
 from ._progress import Meter, metered_writer
-
-#: Messages that have arrived whole that a download takes in a row without a
-#: checkpoint (the rest of a turn's worth of received data waits for the
-#: next): bounds the time between checkpoints whatever the messages' size.
-ARRIVED_PER_TURN = 64
 
 #: What a path in the box is, as copy_in's destination probe learns it.
 RemoteKind = Literal["dir", "file", "missing", "unknown"]

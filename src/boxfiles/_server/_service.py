@@ -38,6 +38,7 @@ from .._proto.files_pb2 import DownloadChunk, DownloadRequest, UploadChunk, Uplo
 from .._supervise import supervise
 from .._tar._read import ChunkStream
 from .._wire import (
+    ARRIVED_PER_TURN,
     CHANNEL_CAPACITY,
     DEFAULT_CHUNK_SIZE,
     DOWNLOAD,
@@ -73,6 +74,12 @@ MAX_TRANSFERS = 128
 #: server's downloads hold at most, together: a download packs at most
 #: POOL_SIZE chunks ahead of its client, and only while spares last.
 SERVER_POOL_SIZE = 16
+
+#: An upload's messages that have arrived are handed to extraction in
+#: batches of up to this many bytes of data (or one message): small messages
+#: then cost a hand-over, and the extraction thread a hop, per batch. What
+#: the extraction channel holds stays within CHANNEL_CAPACITY batches.
+EXTRACT_BATCH_BYTES = DEFAULT_CHUNK_SIZE
 
 #: Seconds a transfer may wait on its client without progress (no message
 #: received for an upload, no message taken for a download) before it is
@@ -311,30 +318,55 @@ class FilesService:
         staging: Staging,
         transfer: _Transfer,
     ) -> Staged:
-        # A message's data as the views of the frames it came in: extracted
+        # Messages' data as the views of the frames it came in: extracted
         # from them, never joined.
         send_data, receive_data = trio.open_memory_channel[list[memoryview]](CHANNEL_CAPACITY)
         cap = self._max_upload_bytes
         staged: Staged | None = None
 
+        async def hand_on(batch: list[memoryview]) -> bool:
+            """Queue ``batch`` for extraction (a checkpoint); False if the
+            extractor failed."""
+            try:
+                await send_data.send(batch)
+            except trio.BrokenResourceError:
+                return False  # the extractor failed; its error explains why
+            return True
+
         async def pump() -> None:
+            # Messages that have arrived whole are taken without a checkpoint,
+            # up to ARRIVED_PER_TURN, and their data handed on in batches of up
+            # to EXTRACT_BATCH_BYTES (or one message): small messages then cost
+            # a turn and a hand-over per batch, not each.
             async with send_data:
-                data: list[memoryview] | None = first_data
-                while data is not None:
-                    if data:
-                        transfer.bytes += sum(map(len, data))
-                        if cap is not None and transfer.bytes > cap:
-                            raise ResourceExhausted(
-                                f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
-                            )
-                        try:
-                            await send_data.send(data)
-                        except trio.BrokenResourceError:
-                            return  # the extractor failed; its error explains why
-                    body = await transfer.from_client(
-                        call.recv_pieces(), "the client sent no more data"
-                    )
-                    data = None if body is None else _decode(body)[1]
+                batch: list[memoryview] = []
+                batch_size = taken = 0
+                data = first_data
+                while True:
+                    size = sum(map(len, data))
+                    transfer.bytes += size
+                    if cap is not None and transfer.bytes > cap:
+                        raise ResourceExhausted(
+                            f"upload to {first.dest_path} exceeds the limit of {cap} bytes"
+                        )
+                    if batch and batch_size + size > EXTRACT_BATCH_BYTES:
+                        if not await hand_on(batch):
+                            return
+                        batch, batch_size, taken = [], 0, 0
+                    batch += data
+                    batch_size += size
+                    body = call.recv_arrived() if taken < ARRIVED_PER_TURN else None
+                    if body is None:
+                        if batch and not await hand_on(batch):
+                            return
+                        batch, batch_size, taken = [], 0, 0
+                        body = await transfer.from_client(
+                            call.recv_pieces(), "the client sent no more data"
+                        )
+                        if body is None:
+                            return
+                    taken += 1
+                    data = _decode(body)[1]
 
         async def unpack() -> None:
             nonlocal staged

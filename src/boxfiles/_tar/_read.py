@@ -18,6 +18,8 @@ from typing import TypeVar, cast, final
 
 import trio
 
+from .._wire import IOV_MAX
+
 #: Most header bytes one entry may have: its header block plus every PAX
 #: (``x``, ``g``) and GNU long name/link (``L``, ``K``) header before it.
 #: A 4 KiB long name and ordinary PAX records fit many times over; a larger
@@ -42,8 +44,6 @@ REFILL_CHUNKS = 4
 
 _BLOCK = tarfile.BLOCKSIZE
 
-#: Most buffers one writev takes (IOV_MAX; 1024 on Linux).
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: Header types whose body is more header: PAX (x, Solaris X, global g) and
 #: GNU long name/link (L, K).
 _EXTENSION_TYPES = frozenset(b"xXgLK")
@@ -268,7 +268,7 @@ class ChunkStream:
         # chunk is released in the trio thread by the next refill, not here.
         views = [memoryview(self._chunk)[self._start : self._start + limit]]
         size = len(views[0])
-        for piece in self._pieces[self._next : self._next + _IOV_MAX - 1]:
+        for piece in self._pieces[self._next : self._next + IOV_MAX - 1]:
             if size >= limit:
                 break
             views.append(memoryview(piece)[: limit - size])
