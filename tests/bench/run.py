@@ -392,6 +392,18 @@ def configs(copy: bool) -> list[Config]:
                 chunk=64 * 1024,
             )
         )
+    # The reference server's own cost per message, which the sinks above
+    # do not show.
+    out.append(
+        Config(
+            "upload -> boxfiles ref server, unix, 64 KiB chunks",
+            "upload",
+            "boxfiles",
+            "unix",
+            [*up, ceiling],
+            chunk=64 * 1024,
+        )
+    )
     for direction in ("upload", "download"):
         out.append(
             Config(
