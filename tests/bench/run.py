@@ -424,20 +424,29 @@ def run_config(
     listen = (
         f"unix:{sock_dir}/{id(cfg)}-{cfg.server}.sock" if cfg.transport == "unix" else "127.0.0.1:0"
     )
+
+    def client_args(row: Row, target: str, dest: Path) -> list[str]:
+        args = [row.kind, row.op, "--target", target]
+        if row.op == "upload":
+            return [*args, "--file", str(data.tar)]
+        if row.op == "copy_in":
+            return [*args, "--file", str(data.tree), "--src", "/copied"]
+        if row.op == "copy_out":
+            return [*args, "--file", str(dest), "--src", "/payload.bin"]
+        src = "/payload.bin" if cfg.server == "boxfiles" else str(data.payload)
+        return [*args, "--file", str(dest), "--src", src]
+
     with server(cfg.server, listen, data.root, logs / f"server-{cfg.server}.log", cfg.env) as srv:
+        # A fresh server's first transfer pays for its start (threads, pools,
+        # first reads): one untimed transfer first, so that no row (the first
+        # of round 0) pays for it.
+        dest = work / "warm-up"
+        run_client(client_args(cfg.rows[0], srv.target, dest), logs / "warm-up.log", env=cfg.env)
+        _remove(dest)
         for rnd in range(rounds):
             for row in cfg.rows:
                 dest = work / f"dl-{row.kind}-{row.op}"
-                args = [row.kind, row.op, "--target", srv.target]
-                if row.op == "upload":
-                    args += ["--file", str(data.tar)]
-                elif row.op == "copy_in":
-                    args += ["--file", str(data.tree), "--src", "/copied"]
-                elif row.op == "copy_out":
-                    args += ["--file", str(dest), "--src", "/payload.bin"]
-                else:
-                    src = "/payload.bin" if cfg.server == "boxfiles" else str(data.payload)
-                    args += ["--file", str(dest), "--src", src]
+                args = client_args(row, srv.target, dest)
                 # The reference server writes what it receives to disk: start
                 # every run with no dirty pages left by the one before, so no
                 # row pays for another's writeback.
@@ -459,10 +468,14 @@ def run_config(
                     f"  {cfg.name:44} {row.label:26} round {rnd}: {result['mb_s']:8.1f} MB/s",
                     flush=True,
                 )
-                if dest.is_dir():
-                    shutil.rmtree(dest)
-                else:
-                    dest.unlink(missing_ok=True)
+                _remove(dest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def summarize(cfgs: list[Config]) -> list[dict[str, Any]]:
