@@ -698,6 +698,7 @@ def small_files(
         "boxfiles", f"unix:{sock_dir}/small.sock", root, logs / "server-boxfiles.log"
     ) as srv:
         for _ in range(rounds):
+            os.sync()  # as in run_config: no row pays for another's writeback
             tar = subprocess.Popen(
                 ["tar", "cf", "-", "-C", str(data.small), "small"],
                 stdout=subprocess.PIPE,
@@ -716,6 +717,7 @@ def small_files(
                 _stop(tar)
             rates["tar | grpclib"].append(10_000 / r["seconds"])
             if copy:
+                os.sync()
                 r = run_client(
                     [
                         "boxfiles",
