@@ -202,25 +202,27 @@ async def test_data_in_more_pieces_than_one_writev_takes(tmp_path: Path) -> None
     stream = ChunkStream(receive)
     path = tmp_path / "f"
 
-    def read_all() -> None:
-        tar = open_archive(stream)
-        info = next_member(tar)
-        assert info is not None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-        try:
-            write_member(info, stream, fd)
-        finally:
-            os.close(fd)
-        assert next_member(tar) is None
-
     async def feed() -> None:
         async with send:
             await send.send(chunk)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
-        await trio.to_thread.run_sync(read_all)
+        await trio.to_thread.run_sync(_read_one_file, stream, path)
     assert path.read_bytes() == data
+
+
+def _read_one_file(stream: ChunkStream, path: Path) -> None:
+    """Read an archive of one regular file from ``stream`` into ``path``."""
+    tar = open_archive(stream)
+    info = next_member(tar)
+    assert info is not None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_member(info, stream, fd)
+    finally:
+        os.close(fd)
+    assert next_member(tar) is None
 
 
 async def test_chunks_queued_behind_are_taken_in_the_same_hop(tmp_path: Path) -> None:
@@ -250,18 +252,7 @@ async def test_chunks_queued_behind_are_taken_in_the_same_hop(tmp_path: Path) ->
     stream = ChunkStream(cast(Any, Counting()))
     path = tmp_path / "f"
 
-    def read_all() -> None:
-        tar = open_archive(stream)
-        info = next_member(tar)
-        assert info is not None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-        try:
-            write_member(info, stream, fd)
-        finally:
-            os.close(fd)
-        assert next_member(tar) is None
-
-    await trio.to_thread.run_sync(read_all)
+    await trio.to_thread.run_sync(_read_one_file, stream, path)
     assert path.read_bytes() == data
     assert len(chunks) > 2 * REFILL_CHUNKS
     assert per_hop[0] == REFILL_CHUNKS  # all were queued: as many as allowed

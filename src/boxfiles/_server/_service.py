@@ -318,7 +318,7 @@ class FilesService:
         staging: Staging,
         transfer: _Transfer,
     ) -> Staged:
-        # Messages' data as the views of the frames it came in: extracted
+        # The messages' data as views of the frames they came in: extracted
         # from them, never joined.
         send_data, receive_data = trio.open_memory_channel[list[memoryview]](CHANNEL_CAPACITY)
         cap = self._max_upload_bytes
