@@ -16,7 +16,7 @@ from boxfiles._proto.files_pb2 import DownloadChunk, DownloadRequest
 from boxfiles._wire import ARRIVED_PER_TURN, CHANNEL_CAPACITY
 
 from ..helpers.archives import contents
-from ..helpers.checks import Leaks, assert_no_asyncio_tasks
+from ..helpers.checks import Leaks, TaskSteps, assert_no_asyncio_tasks
 from ..helpers.scripted import scripted_server
 
 MiB = 1024 * 1024
@@ -162,23 +162,12 @@ async def test_a_backlog_of_arrived_messages_is_taken_with_a_checkpoint_every_fe
             await call.send(DownloadChunk())
         sent.set()
 
-    class ReceiverSteps(trio.abc.Instrument):
-        def __init__(self) -> None:
-            self.steps = 0
-
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            if sent.is_set() and task.name.endswith("_download.<locals>.receive"):
-                self.steps += 1
-
     writer = HeldWriter(sent)
-    counter = ReceiverSteps()
+    counter = TaskSteps("_download.<locals>.receive", after=sent)
     async with scripted_server(sock_dir, download=script) as srv:
         async with boxfiles.open_client(srv.target) as client:
-            trio.lowlevel.add_instrument(counter)
-            try:
+            with counter.counting():
                 await client.download_tar("/x", writer)
-            finally:
-                trio.lowlevel.remove_instrument(counter)
     assert sum(map(len, writer.writes)) == (CHANNEL_CAPACITY + 2) * WRITE_BATCH_BYTES
     assert counter.steps >= backlog // ARRIVED_PER_TURN, counter.steps
 

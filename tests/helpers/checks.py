@@ -6,6 +6,8 @@ import asyncio
 import ctypes
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -70,3 +72,25 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps trio runs of the tasks whose name ends with
+    ``suffix``, from when ``after`` is set; counts while :meth:`counting`."""
+
+    def __init__(self, suffix: str, after: trio.Event) -> None:
+        self.steps = 0
+        self._suffix = suffix
+        self._after = after
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._after.is_set() and task.name.endswith(self._suffix):
+            self.steps += 1
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        trio.lowlevel.add_instrument(self)
+        try:
+            yield
+        finally:
+            trio.lowlevel.remove_instrument(self)

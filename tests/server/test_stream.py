@@ -22,6 +22,7 @@ from boxfiles._target import UnixTarget
 from boxfiles._wire import ARRIVED_PER_TURN, DOWNLOAD, UPLOAD, Chunk
 
 from ..helpers.archives import archive, files, member
+from ..helpers.checks import TaskSteps
 
 MiB = 1024 * 1024
 
@@ -196,7 +197,7 @@ async def test_small_messages_that_have_arrived_are_extracted_in_batches(
 
 
 async def test_a_backlog_of_arrived_messages_is_taken_with_a_checkpoint_every_few(
-    server: str, root: Path, monkeypatch: pytest.MonkeyPatch
+    server: str, root: Path
 ) -> None:
     # Messages with no data are never handed on: with thousands of them at
     # hand, the server's receiving task must still yield every
@@ -205,31 +206,17 @@ async def test_a_backlog_of_arrived_messages_is_taken_with_a_checkpoint_every_fe
     first, *rest = _upload_messages("/backlog.bin", b"x" * 100, 1024)
     empty = b"\0\0\0\0\0"
     arrived = trio.Event()
-
-    class PumpSteps(trio.abc.Instrument):
-        def __init__(self) -> None:
-            self.steps = 0
-
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            if arrived.is_set() and task.name.endswith("_receive.<locals>.pump"):
-                self.steps += 1
-
-    counter = PumpSteps()
-    writes = _HeldWrites(monkeypatch)
-    writes.release()
+    counter = TaskSteps("_receive.<locals>.pump", after=arrived)
     async with open_channel(UnixTarget(server.removeprefix("unix:"))) as channel:
         async with channel.open_call(UPLOAD) as call:
             await call.send_encoded(first)
             await trio.sleep(0.2)  # the server waits for the next message
-            trio.lowlevel.add_instrument(counter)
-            try:
+            with counter.counting():
                 arrived.set()
                 # One piece, so in one frame: all of it arrives in one read.
                 await call.send_encoded(b"".join([empty] * backlog + rest))
                 await call.end()
                 assert await call.recv() == UploadResponse(success=True)
                 await call.finish()
-            finally:
-                trio.lowlevel.remove_instrument(counter)
     assert (root / "backlog.bin").read_bytes() == b"x" * 100
     assert counter.steps >= backlog // ARRIVED_PER_TURN, counter.steps
